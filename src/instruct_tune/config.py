@@ -1,0 +1,197 @@
+"""Stage configuration: one dataclass declaration per stage serves YAML files, flags and Python callers.
+
+`parse_args(SFTStageConfig, DataArguments, ModelArguments)` reads `--config file.yaml` for defaults and lets
+command-line flags override them, as TRL's `TrlParser` does, but refuses YAML keys that no dataclass
+declares (naming the file and the closest known key) instead of letting a typo pass silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, SFTConfig, TrlParser
+
+# Fields never written to a saved config: secrets, and per-process values that must come from the launcher.
+_UNSAVED_FIELDS = {"hub_token", "push_to_hub_token", "local_rank", "_n_gpu", "deepspeed_plugin"}
+
+
+class ConfigError(ValueError):
+    """A configuration file or option that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class DataArguments:
+    """Where a stage's data comes from and how it is checked and split."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Local file/folder or Hub dataset id (a single source)."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from `dataset_name`."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Hub dataset revision."})
+    dataset_mixture: list[dict[str, Any]] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several sources with weights and task tags: a YAML list of {path, weight, task, split} "
+            "(or the same list as a JSON string on the command line). Replaces `dataset_name`."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Separate eval source; without it a share of the training data is held out."}
+    )
+    eval_dataset_split: str = field(default="train", metadata={"help": "Split to read from `eval_dataset_name`."})
+    eval_fraction: float = field(
+        default=0.02, metadata={"help": "Share of the training data held out for eval when no eval set is given."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many eval rows."})
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Drop and count invalid rows instead of stopping on the first one."}
+    )
+    per_task_metrics: bool = field(
+        default=True, metadata={"help": "Report eval loss per task tag (eval_<task>_loss) beside the overall one."}
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dataset_mixture, str):
+            try:
+                self.dataset_mixture = json.loads(self.dataset_mixture)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"dataset_mixture: not a JSON list of sources ({err})") from err
+        if self.dataset_mixture is not None and not isinstance(self.dataset_mixture, list):
+            raise ConfigError("dataset_mixture: expected a list of {path, weight, task, split} entries")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction: {self.eval_fraction} is not in [0, 1)")
+
+
+@dataclass
+class ModelArguments(ModelConfig):
+    """TRL's `ModelConfig` plus what the loader needs to fix up checkpoints."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to load when it is not stored with the model."}
+    )
+    disable_dropout: bool = field(
+        default=True, metadata={"help": "Set every dropout probability of the model to 0 (InstructGPT setting)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ConfigError("load_in_4bit and load_in_8bit are exclusive: choose one")
+        if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
+            raise ConfigError(
+                "load_in_4bit/load_in_8bit train only adapters: add `use_peft: true` (QLoRA) or drop quantisation"
+            )
+
+
+def bf16_supported() -> bool:
+    """Whether this machine trains in bf16 mixed precision: a CUDA device that supports it."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+@dataclass
+class SFTStageConfig(SFTConfig):
+    """TRL's `SFTConfig` with the options of our SFT stage.
+
+    Unlike TRL, an unset `bf16` means "bf16 where the device supports it" rather than always, so the same
+    config trains on a CPU-only machine and in bf16 on a GPU.
+    """
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None and not self.fp16:
+            self.bf16 = bf16_supported()
+        super().__post_init__()
+
+
+def _known_fields(dataclass_types: Iterable[type]) -> set[str]:
+    return {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
+
+
+def read_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a stage config file into a mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a YAML mapping of option: value")
+    return data
+
+
+def check_config_keys(config: dict[str, Any], dataclass_types: Sequence[type], source: str) -> None:
+    """Refuse keys that no dataclass declares, suggesting the closest known one."""
+    known = _known_fields(dataclass_types) | {"env"}
+    unknown = [key for key in config if key not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1)
+        hints.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    raise ConfigError(f"{source}: unknown option(s) {', '.join(hints)}")
+
+
+def parse_args(*dataclass_types: type, args: Sequence[str] | None = None) -> tuple[Any, ...]:
+    """Parse `--config file.yaml` plus flag overrides into one instance of each dataclass.
+
+    The YAML file gives defaults, flags override them; an unknown key in the file is an error naming it.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = TrlParser(dataclass_types=list(dataclass_types))
+    if "--config" in args:
+        index = args.index("--config")
+        if index + 1 >= len(args):
+            raise ConfigError("--config needs a file path")
+        config_path = args[index + 1]
+        check_config_keys(read_yaml_config(config_path), dataclass_types, config_path)
+    return parser.parse_args_and_config(args=args)
+
+
+def _plain(value: Any) -> Any:
+    """Turn config values into YAML-safe plain data."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def resolved_config(*configs: Any) -> dict[str, Any]:
+    """All fields of the given config instances as one flat mapping, loadable again with `--config`."""
+    merged: dict[str, Any] = {}
+    for config in configs:
+        for f in dataclasses.fields(config):
+            if f.init and f.name not in _UNSAVED_FIELDS and not f.name.startswith("_"):
+                merged[f.name] = _plain(getattr(config, f.name))
+    return merged
+
+
+def save_config(output_dir: str | Path, *configs: Any) -> Path:
+    """Write the resolved config of a stage as `config.yaml` in its run folder."""
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(resolved_config(*configs), sort_keys=False))
+    return path

@@ -1,0 +1,66 @@
+"""What every training stage does around its trainer: find a checkpoint to resume, write the run folder."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
+
+from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
+from instruct_tune.config import resolved_config, save_config
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+    """The checkpoint a stage continues from: the one asked for, else the newest in `output_dir`, else None.
+
+    `resume_from_checkpoint` may be a path, or "true"/"last" for the newest checkpoint of `output_dir`.
+    """
+    if resume_from_checkpoint and resume_from_checkpoint.lower() not in ("true", "last"):
+        if not Path(resume_from_checkpoint).is_dir():
+            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder")
+        return resume_from_checkpoint
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if resume_from_checkpoint and last is None:
+        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
+    if last is not None:
+        logger.info("Resuming from %s", last)
+    return last
+
+
+def finish_run(
+    trainer: Trainer,
+    *,
+    stage: str,
+    configs: Sequence[Any],
+    base_model: str,
+    datasets: Sequence[str],
+    metrics: Mapping[str, Any],
+    lineage: Mapping[str, str] | None = None,
+) -> Path:
+    """Save model/adapter, tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` and the model card."""
+    output_dir = Path(trainer.args.output_dir)
+    trainer.save_model(str(output_dir))
+    if not trainer.is_world_process_zero():
+        return output_dir
+    remove_pickled_files(output_dir)
+    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    save_config(output_dir, *configs)
+    write_metrics(output_dir, metrics)
+    write_model_card(
+        output_dir,
+        stage=stage,
+        base_model=base_model,
+        is_adapter=(output_dir / "adapter_config.json").is_file(),
+        datasets=datasets,
+        config=resolved_config(*configs),
+        metrics=metrics,
+        lineage=lineage,
+    )
+    logger.info("Wrote %s run folder %s", stage, output_dir)
+    return output_dir

@@ -1,0 +1,124 @@
+"""Supervised fine-tuning on demonstrations (InstructGPT step 1), on `trl.SFTTrainer`.
+
+Chats are trained with completion-only loss by default: the conversation up to the last assistant turn is
+the prompt, that turn (ending in EOS through the chat template) is the completion. With
+`assistant_only_loss: true` every assistant turn is trained instead (the chat template needs
+`{% generation %}` markers, which instruct_tune's default template has).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset
+from transformers import set_seed
+from trl import SFTTrainer
+
+from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
+from instruct_tune.data import DataSource, load_mixture, load_source, split_train_eval
+from instruct_tune.models import adapter_base, load_model, load_tokenizer
+from instruct_tune.stages.runner import checkpoint_to_resume, finish_run
+
+logger = logging.getLogger(__name__)
+
+
+def data_sources(data_args: DataArguments) -> list[DataSource]:
+    """The sources of `data_args`: its mixture, or its single dataset."""
+    if data_args.dataset_mixture:
+        return [DataSource(**entry) for entry in data_args.dataset_mixture]
+    if not data_args.dataset_name:
+        raise ValueError("No training data: set `dataset_name` or `dataset_mixture`")
+    return [
+        DataSource(
+            path=data_args.dataset_name,
+            split=data_args.dataset_split,
+            name=data_args.dataset_config,
+            revision=data_args.dataset_revision,
+        )
+    ]
+
+
+def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
+    """Split a chat at its last assistant turn into conversational prompt and completion."""
+    messages = example["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+def sft_datasets(data_args: DataArguments, *, seed: int, completion_only: bool) -> tuple[Dataset, Dataset | None]:
+    """Load, check and split the SFT data; chats become prompt/completion pairs for completion-only loss."""
+    train, _ = load_mixture(data_sources(data_args), "sft", seed=seed, skip_invalid=data_args.skip_invalid)
+    if data_args.eval_dataset_name:
+        eval_set, _ = load_source(
+            data_args.eval_dataset_name, "sft", split=data_args.eval_dataset_split, skip_invalid=data_args.skip_invalid
+        )
+    elif data_args.eval_fraction > 0:
+        train, eval_set = split_train_eval(train, data_args.eval_fraction, seed)
+    else:
+        eval_set = None
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if eval_set is not None and data_args.max_eval_samples is not None:
+        eval_set = eval_set.select(range(min(data_args.max_eval_samples, len(eval_set))))
+    if completion_only:
+        train = train.map(to_prompt_completion, remove_columns=["messages"])
+        eval_set = eval_set.map(to_prompt_completion, remove_columns=["messages"]) if eval_set is not None else None
+    return train, eval_set
+
+
+def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
+    """Eval loss of each task tag (`eval_<task>_loss`), so a regression in one task is not averaged away."""
+    if "task" not in eval_set.column_names:
+        return {}
+    tasks = sorted(set(eval_set["task"]))
+    if len(tasks) < 2:
+        return {}
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        subset = eval_set.filter(lambda row, t=task: row["task"] == t)
+        metrics.update(trainer.evaluate(eval_dataset=subset, metric_key_prefix=f"eval_{task}"))
+    return metrics
+
+
+def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
+    """Train the SFT policy and write its run folder; returns the folder."""
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
+    completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss
+    train, eval_set = sft_datasets(data_args, seed=training_args.seed, completion_only=completion_only)
+    model = load_model(
+        model_args,
+        tokenizer,
+        head="causal",
+        trust_remote_code=training_args.trust_remote_code,
+        gradient_checkpointing=training_args.gradient_checkpointing,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+    )
+    resume = checkpoint_to_resume(training_args.output_dir, training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics: dict[str, Any] = dict(result.metrics)
+    if eval_set is not None:
+        metrics.update(trainer.evaluate())
+        if data_args.per_task_metrics:
+            metrics.update(per_task_eval(trainer, eval_set))
+    trainer.log_metrics("all", metrics)
+    base_model = adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
+    lineage = {"initialised from": model_args.model_name_or_path} if adapter_base(model_args.model_name_or_path) else {}
+    return finish_run(
+        trainer,
+        stage="sft",
+        configs=(training_args, data_args, model_args),
+        base_model=base_model,
+        datasets=[source.path for source in data_sources(data_args)],
+        metrics=metrics,
+        lineage=lineage,
+    )
