@@ -74,7 +74,7 @@ def load_error(tmp_path: Path, bad_row: Any, kind: str, good_row: Any = GOOD_CHA
         ),
         (
             chat(("user", "a"), ("assistant", "b"), ("user", "c")),
-            "no assistant response: messages ends with a user turn",
+            "no assistant response: the last turn of messages has role 'user'",
         ),
         (chat(("user", "a"), ("assistant", 42)), "messages turn 2 content is not a string (got int)"),
         (chat(("user", None), ("assistant", "b")), "messages turn 1 content is not a string (got null)"),
@@ -244,7 +244,7 @@ def test_prompt_and_text_errors(tmp_path: Path) -> None:
     bad = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     assert (
         load_error(tmp_path, bad, "prompts", good)
-        == "prompt must end with a user turn (it ends with a assistant turn)"
+        == "prompt must end with a user turn (its last turn has role 'assistant')"
     )
     assert load_error(tmp_path, {"text": ""}, "text", {"text": "t"}) == "empty text"
     assert load_error(tmp_path, {"text": None}, "text", {"text": "t"}) == "text is not a string (got null)"

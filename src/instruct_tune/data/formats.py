@@ -286,8 +286,8 @@ def _check_turns(msgs: list[Message], what: str, *, end: Literal["user", "assist
     last = msgs[-1]["role"]
     if last != end:
         if end == "assistant":
-            raise _RowProblem(f"no assistant response: {what} ends with a {last} turn")
-        raise _RowProblem(f"{what} must end with a user turn (it ends with a {last} turn)")
+            raise _RowProblem(f"no assistant response: the last turn of {what} has role '{last}'")
+        raise _RowProblem(f"{what} must end with a user turn (its last turn has role '{last}')")
     # An empty system prompt carries nothing; dropping it keeps chat templates from rendering a blank one.
     if msgs[0]["role"] == "system" and not msgs[0]["content"].strip():
         return msgs[1:]
@@ -364,7 +364,7 @@ def _response(value: Any, what: str) -> tuple[list[Message], str]:
     if not msgs:
         raise _RowProblem(f"{what} is empty")
     if msgs[-1]["role"] != "assistant":
-        raise _RowProblem(f"{what} does not end with an assistant turn (ends with a {msgs[-1]['role']} turn)")
+        raise _RowProblem(f"{what} does not end with an assistant turn (its last turn has role '{msgs[-1]['role']}')")
     return msgs[:-1], msgs[-1]["content"]
 
 

@@ -1,0 +1,46 @@
+# instruct-tune: `make rlhf`-style entry points. Every target installs what is missing into .venv first.
+#   make test                 run the test suite (what CI runs)
+#   make sft                  SFT of the built-in tiny default -> outputs/$(RUN)/sft
+#   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+RUN ?= tiny
+CONFIG ?= recipes/configs/tiny
+MODEL ?=
+OUT := outputs/$(RUN)
+LAUNCH := $(BIN)/accelerate launch --config_file recipes/accelerate/single_device.yaml
+MODEL_FLAG := $(if $(MODEL),--model_name_or_path $(MODEL),)
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+# A CPU-only machine gets the CPU build of torch (no CUDA wheels); a machine with an NVIDIA driver gets the
+# default CUDA build. Override with TORCH_SPEC=... (and TORCH_INDEX=<url> for another wheel index).
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+TORCH_INDEX ?=
+
+.PHONY: install test lint sft tiny clean-outputs help
+help:
+	@sed -n '1,5p' Makefile
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check src recipes tests bench
+
+test: install
+	$(BIN)/python -m pytest -q
+
+tiny: install
+	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2
+
+sft: install $(if $(filter recipes/configs/tiny,$(CONFIG)),tiny,)
+	$(LAUNCH) recipes/sft.py --config $(CONFIG)/sft.yaml --output_dir $(OUT)/sft $(MODEL_FLAG)
