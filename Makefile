@@ -2,6 +2,7 @@
 #   make test                 run the test suite (what CI runs)
 #   make sft                  SFT of the built-in tiny default -> outputs/$(RUN)/sft
 #   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
+#   make reward               reward model from outputs/$(RUN)/sft -> outputs/$(RUN)/reward
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,9 +22,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: install test lint sft tiny clean-outputs help
+.PHONY: install test lint sft reward tiny clean-outputs help
 help:
-	@sed -n '1,5p' Makefile
+	@sed -n '1,6p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,3 +45,8 @@ tiny: install
 
 sft: install $(if $(filter recipes/configs/tiny,$(CONFIG)),tiny,)
 	$(LAUNCH) recipes/sft.py --config $(CONFIG)/sft.yaml --output_dir $(OUT)/sft $(MODEL_FLAG)
+
+# The reward model starts from the SFT run folder (and checks its chat template against it).
+reward: install $(if $(wildcard $(OUT)/sft/adapter_config.json $(OUT)/sft/config.json),,sft)
+	$(LAUNCH) recipes/reward.py --config $(CONFIG)/reward.yaml --output_dir $(OUT)/reward \
+		--model_name_or_path $(OUT)/sft --policy_path $(OUT)/sft

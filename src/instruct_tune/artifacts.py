@@ -99,6 +99,12 @@ def write_model_card(
         if is_adapter
         else f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{output_dir}")'
     )
+    if stage == "reward":  # the base chain, the score head and the normalisation bias come with this loader
+        loader = (
+            "from instruct_tune.models.reward import load_reward_model\n"
+            f'rm = load_reward_model("{output_dir}")\n'
+            'rm.score(["Add 2 and 3."], ["5"])  # normalised reward, one per (prompt, response)'
+        )
     lineage_lines = "\n".join(f"- {name}: `{path}`" for name, path in (lineage or {}).items()) or "- none"
     body = f"""
 # {output_dir.name}: {stage} stage of instruct-tune

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, RewardConfig, SFTConfig, TrlParser
 
 # Fields never written to a saved config: secrets, and per-process values that must come from the launcher.
 _UNSAVED_FIELDS = {"hub_token", "push_to_hub_token", "local_rank", "_n_gpu", "deepspeed_plugin"}
@@ -81,13 +81,12 @@ class ModelArguments(ModelConfig):
         default=None, metadata={"help": "Tokenizer to load when it is not stored with the model."}
     )
     disable_dropout: bool = field(
-        default=True, metadata={"help": "Set every dropout probability of the model to 0 (InstructGPT setting)."}
+        default=True,
+        metadata={"help": "Set every dropout probability of the base model to 0 (InstructGPT); LoRA's is `lora_dropout`."},
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ConfigError("load_in_4bit and load_in_8bit are exclusive: choose one")
         if (self.load_in_4bit or self.load_in_8bit) and not self.use_peft:
             raise ConfigError(
                 "load_in_4bit/load_in_8bit train only adapters: add `use_peft: true` (QLoRA) or drop quantisation"
@@ -101,18 +100,89 @@ def bf16_supported() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-@dataclass
-class SFTStageConfig(SFTConfig):
-    """TRL's `SFTConfig` with the options of our SFT stage.
+class DevicePrecisionDefault:
+    """Mixin for TRL configs: an unset `bf16` means "bf16 where the device supports it".
 
-    Unlike TRL, an unset `bf16` means "bf16 where the device supports it" rather than always, so the same
-    config trains on a CPU-only machine and in bf16 on a GPU.
+    TRL turns bf16 on whenever fp16 is off, which fails on a CPU-only machine; with this the same config
+    trains on CPU and in bf16 on a GPU. An explicit `bf16: true/false` is kept as given.
     """
 
     def __post_init__(self) -> None:
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
         super().__post_init__()
+
+
+@dataclass
+class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
+    """TRL's `SFTConfig`, with the bf16 default chosen per device."""
+
+
+@dataclass
+class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
+    """TRL's `RewardConfig` with the options of our reward-model stage.
+
+    `per_device_train_batch_size` counts prompts (groups of ranked responses), not pairs: every batch holds
+    all responses of its prompts and the loss weights each prompt once (see `instruct_tune.stages.reward`).
+    """
+
+    # `ModelArguments.disable_dropout` is the one option (both dataclasses declaring it would clash in the parser);
+    # the stage copies it here for TRL.
+    disable_dropout: bool = field(default=True, init=False)
+    policy_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "SFT run folder of the policy this reward model will score: its chat template must equal the "
+            "reward model's, and its samples are the reference of the reward normalisation."
+        },
+    )
+    normalization_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "Prompts (any prompt-bearing format) the policy answers for the normalisation; without it, the "
+            "prompts of the eval comparisons."
+        },
+    )
+    normalization_samples: int = field(
+        default=256, metadata={"help": "Number of prompts (one sampled response each) the normalisation uses."}
+    )
+    normalization_max_new_tokens: int = field(
+        default=64, metadata={"help": "Longest policy response sampled for the normalisation."}
+    )
+    normalization_temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature of the policy responses of the normalisation."}
+    )
+    use_margin: bool = field(
+        default=False,
+        metadata={
+            "help": "Subtract the data's `margin` (a `margin` column, or score differences of rankings given by "
+            "`scores`) inside the loss: -log sigmoid(r_w - r_l - margin_scale * margin)."
+        },
+    )
+    margin_scale: float = field(default=1.0, metadata={"help": "Factor applied to the data's margins."})
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Pack the K responses of a prompt into one row so the prompt tokens are computed once "
+            "(sdpa/eager attention; other attention implementations score each response in its own row)."
+        },
+    )
+    calibration_buckets: int = field(
+        default=5, metadata={"help": "Equal-count buckets of |r_a - r_b| in the calibration table."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.normalization_samples < 1:
+            raise ConfigError(f"normalization_samples: {self.normalization_samples} must be >= 1")
+        if self.normalization_max_new_tokens < 1:
+            raise ConfigError(f"normalization_max_new_tokens: {self.normalization_max_new_tokens} must be >= 1")
+        if self.normalization_temperature <= 0:
+            raise ConfigError(f"normalization_temperature: {self.normalization_temperature} must be > 0")
+        if self.calibration_buckets < 1:
+            raise ConfigError(f"calibration_buckets: {self.calibration_buckets} must be >= 1")
+        if self.normalization_prompts and not self.policy_path:
+            raise ConfigError("normalization_prompts: set `policy_path` (the SFT run folder) to sample responses from")
 
 
 def _known_fields(dataclass_types: Iterable[type]) -> set[str]:

@@ -5,6 +5,7 @@ Output schema per kind of data:
 - ``sft``: ``{"messages": [{"role", "content"}, ...]}`` ending in an assistant turn;
 - ``preference``: ``{"prompt": [...], "chosen": [assistant], "rejected": [assistant], "group_id": int}``,
   one row per (better, worse) pair; ``group_id`` is the source row, shared by all pairs of one ranking;
+  rankings given by ``scores`` also get ``margin`` = score(chosen) - score(rejected) (None on other rows);
 - ``prompts``: ``{"prompt": [...]}`` ending in a user turn;
 - ``text``: ``{"text": str}``.
 
@@ -296,7 +297,8 @@ def _check_turns(msgs: list[Message], what: str, *, end: Literal["user", "assist
 
 # --- per-format parsing into one normalized example ----------------------------------------------------
 
-Pairs = list[tuple[str, str]]
+# (chosen, rejected), or (chosen, rejected, margin) when the source gives scores.
+Pairs = list[tuple[str, str] | tuple[str, str, float]]
 
 
 @dataclass
@@ -456,6 +458,7 @@ def _ranked_pairs(row: Mapping[str, Any]) -> Pairs:
             )
         seen[t.strip()] = i
     ranking = row.get("ranking")
+    scores = None
     if ranking is not None:
         if not (
             isinstance(ranking, (list, tuple))
@@ -466,9 +469,13 @@ def _ranked_pairs(row: Mapping[str, Any]) -> Pairs:
             raise _RowProblem(f"ranking {shown!r} is not a permutation of the response indices 0..{k - 1}")
         order = list(ranking)
     else:
-        order = _order_by_scores(row.get("scores"), k)
+        scores = row.get("scores")
+        order = _order_by_scores(scores, k)
     # Every (better, worse) pair of the ranking: K*(K-1)/2 comparisons, best-first.
-    return [(texts[order[i]], texts[order[j]]) for i in range(k) for j in range(i + 1, k)]
+    pairs = [(order[i], order[j]) for i in range(k) for j in range(i + 1, k)]
+    if scores is None:
+        return [(texts[win], texts[lose]) for win, lose in pairs]
+    return [(texts[win], texts[lose], float(scores[win]) - float(scores[lose])) for win, lose in pairs]
 
 
 def _order_by_scores(scores: Any, k: int) -> list[int]:
@@ -533,7 +540,7 @@ def _emit_preference(ex: _Example, row_num: int) -> list[dict[str, Any]]:
     assert ex.prompt is not None and ex.pairs is not None
     prompt = _check_turns(ex.prompt, ex.prompt_label, end="user")
     rows = []
-    for chosen, rejected in ex.pairs():
+    for chosen, rejected, *margin in ex.pairs():
         if not chosen.strip():
             raise _RowProblem("empty chosen response")
         if not rejected.strip():
@@ -546,6 +553,7 @@ def _emit_preference(ex: _Example, row_num: int) -> list[dict[str, Any]]:
                 "chosen": _assistant(chosen),
                 "rejected": _assistant(rejected),
                 "group_id": row_num,
+                **({"margin": margin[0]} if margin else {}),
             }
         )
     return rows
@@ -643,5 +651,9 @@ def convert_rows(
         out.extend(produced)
     if report.rows_in == 0:
         raise DataError(source, "no rows")
+    if any("margin" in example for example in out):
+        # Rankings by scores carry a margin, rankings by order do not: one table needs the column on every row.
+        for example in out:
+            example.setdefault("margin", None)
     report.rows_out = len(out)
     return out, report

@@ -7,13 +7,24 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
 from instruct_tune.config import resolved_config, save_config
 
 logger = logging.getLogger(__name__)
+
+
+def configure_logging(args: TrainingArguments) -> None:
+    """Show instruct_tune's own messages (detected formats, skipped rows, resumes) on the main process."""
+    package_logger = logging.getLogger("instruct_tune")
+    if not package_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[instruct_tune] %(message)s"))
+        package_logger.addHandler(handler)
+    level = args.get_process_log_level()
+    package_logger.setLevel(logging.INFO if level == logging.WARNING and args.should_log else level)
 
 
 def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:

@@ -18,27 +18,11 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
-from instruct_tune.data import DataSource, load_mixture, load_source, split_train_eval
 from instruct_tune.models import adapter_base, load_model, load_tokenizer
-from instruct_tune.stages.runner import checkpoint_to_resume, finish_run
+from instruct_tune.stages.data_sources import data_sources, train_eval_sets
+from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging, finish_run
 
 logger = logging.getLogger(__name__)
-
-
-def data_sources(data_args: DataArguments) -> list[DataSource]:
-    """The sources of `data_args`: its mixture, or its single dataset."""
-    if data_args.dataset_mixture:
-        return [DataSource(**entry) for entry in data_args.dataset_mixture]
-    if not data_args.dataset_name:
-        raise ValueError("No training data: set `dataset_name` or `dataset_mixture`")
-    return [
-        DataSource(
-            path=data_args.dataset_name,
-            split=data_args.dataset_split,
-            name=data_args.dataset_config,
-            revision=data_args.dataset_revision,
-        )
-    ]
 
 
 def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
@@ -50,19 +34,7 @@ def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
 
 def sft_datasets(data_args: DataArguments, *, seed: int, completion_only: bool) -> tuple[Dataset, Dataset | None]:
     """Load, check and split the SFT data; chats become prompt/completion pairs for completion-only loss."""
-    train, _ = load_mixture(data_sources(data_args), "sft", seed=seed, skip_invalid=data_args.skip_invalid)
-    if data_args.eval_dataset_name:
-        eval_set, _ = load_source(
-            data_args.eval_dataset_name, "sft", split=data_args.eval_dataset_split, skip_invalid=data_args.skip_invalid
-        )
-    elif data_args.eval_fraction > 0:
-        train, eval_set = split_train_eval(train, data_args.eval_fraction, seed)
-    else:
-        eval_set = None
-    if data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if eval_set is not None and data_args.max_eval_samples is not None:
-        eval_set = eval_set.select(range(min(data_args.max_eval_samples, len(eval_set))))
+    train, eval_set = train_eval_sets(data_args, "sft", seed=seed)
     if completion_only:
         train = train.map(to_prompt_completion, remove_columns=["messages"])
         eval_set = eval_set.map(to_prompt_completion, remove_columns=["messages"]) if eval_set is not None else None
@@ -85,6 +57,7 @@ def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
 
 def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
     """Train the SFT policy and write its run folder; returns the folder."""
+    configure_logging(training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss

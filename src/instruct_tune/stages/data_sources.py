@@ -1,0 +1,61 @@
+"""The data of a training stage from its `DataArguments`: sources, train set and eval set, shared by all stages."""
+
+from __future__ import annotations
+
+from datasets import Dataset
+
+from instruct_tune.config import DataArguments
+from instruct_tune.data import DataSource, Kind, load_mixture, load_source, split_train_eval
+
+
+def data_sources(data_args: DataArguments) -> list[DataSource]:
+    """The sources of `data_args`: its mixture, or its single dataset."""
+    if data_args.dataset_mixture:
+        return [DataSource(**entry) for entry in data_args.dataset_mixture]
+    if not data_args.dataset_name:
+        raise ValueError("No training data: set `dataset_name` or `dataset_mixture`")
+    return [
+        DataSource(
+            path=data_args.dataset_name,
+            split=data_args.dataset_split,
+            name=data_args.dataset_config,
+            revision=data_args.dataset_revision,
+        )
+    ]
+
+
+def _first(ds: Dataset, n: int | None) -> Dataset:
+    """The first `n` rows (all when `n` is None); for preference data the first `n` prompts, whole."""
+    if n is None:
+        return ds
+    if "group_id" not in ds.column_names:
+        return ds.select(range(min(n, len(ds))))
+    kept: set[int] = set()
+    rows = []
+    for i, group in enumerate(ds["group_id"]):
+        if group not in kept:
+            if len(kept) == n:
+                continue
+            kept.add(group)
+        rows.append(i)
+    return ds.select(rows)
+
+
+def train_eval_sets(data_args: DataArguments, kind: Kind, *, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Load and check the training sources and the eval set (a separate source or a held-out share).
+
+    `max_train_samples` / `max_eval_samples` count rows, or prompts for preference data (all pairs of a
+    ranking stay together).
+    """
+    train, _ = load_mixture(data_sources(data_args), kind, seed=seed, skip_invalid=data_args.skip_invalid)
+    if data_args.eval_dataset_name:
+        eval_set, _ = load_source(
+            data_args.eval_dataset_name, kind, split=data_args.eval_dataset_split, skip_invalid=data_args.skip_invalid
+        )
+    elif data_args.eval_fraction > 0:
+        train, eval_set = split_train_eval(train, data_args.eval_fraction, seed)
+    else:
+        eval_set = None
+    train = _first(train, data_args.max_train_samples)
+    eval_set = _first(eval_set, data_args.max_eval_samples) if eval_set is not None else None
+    return train, eval_set
