@@ -167,7 +167,7 @@ def _snippet(rng: random.Random) -> str:
 
 
 def make_pretrain_text(rng: random.Random) -> str:
-    """One short plain-text document (no instructions) over the task vocabulary, reserved words included."""
+    """One short plain-text document (no instructions) over the task vocabulary."""
     parts = [_snippet(rng)]
     target = rng.randint(40, _MAX_PRETRAIN_CHARS)
     while True:

@@ -1,8 +1,9 @@
 """Build the tiny "pretrained GPT-style checkpoint" of the built-in default, offline, from shipped data.
 
-A byte-level BPE tokenizer (digits split one per token, so arithmetic generalises to unseen numbers) is
-trained on the shipped text, a small GPT-2 is initialised from a config, and a short language-modelling pass
-over `pretrain.jsonl` makes it a pretrained model like a Hub checkpoint. The result is a normal
+A byte-level BPE tokenizer is trained on the shipped text (frequent numbers become single tokens: with
+digits split one per token the model sorted at gold 0.03 instead of 0.23 after the same SFT), a small GPT-2
+is initialised from a config, and a short language-modelling pass over `pretrain.jsonl` makes it a
+pretrained model like a Hub checkpoint. The result is a normal
 `save_pretrained` folder, cached: it is rebuilt only when the data or the spec change.
 
     python -m instruct_tune.tiny.build_model --data data/tiny --out models/tiny-gpt2
@@ -34,7 +35,8 @@ BUILD_INFO = "build_info.json"
 class TinyModelSpec:
     """Size of the tiny model and of its pretraining pass."""
 
-    vocab_size: int = 1024
+    vocab_size: int = 2048
+    split_digits: bool = False
     n_embd: int = 128
     n_layer: int = 4
     n_head: int = 4
@@ -57,15 +59,21 @@ def _jsonl_texts(path: Path) -> Iterator[str]:
                     yield message["content"]
 
 
-def train_tokenizer(texts: Iterator[str], vocab_size: int, n_positions: int):
-    """Train a byte-level BPE tokenizer with digits split, wrapped as a transformers fast tokenizer."""
+def train_tokenizer(texts: Iterator[str], vocab_size: int, n_positions: int, split_digits: bool = True):
+    """Train a byte-level BPE tokenizer, wrapped as a transformers fast tokenizer.
+
+    With `split_digits` every digit is its own token; without it frequent numbers become single tokens.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = [EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS]
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        if split_digits
+        else byte_level
     )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -126,6 +134,7 @@ def build_tiny_model(
         (t for name in ("pretrain.jsonl", "sft.jsonl") for t in _jsonl_texts(data_dir / name)),
         spec.vocab_size,
         spec.n_positions,
+        spec.split_digits,
     )
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -189,6 +198,14 @@ def build_tiny_model(
     return out_dir
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`instruct-tune build-tiny`: build (or find cached) the tiny pretrained model."""
     parser = argparse.ArgumentParser(prog="instruct-tune build-tiny", description=__doc__.splitlines()[0])
@@ -196,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="models/tiny-gpt2", help="where to save the model and tokenizer")
     parser.add_argument("--force", action="store_true", help="rebuild even when the cached model is current")
     for f in dataclasses.fields(TinyModelSpec):
-        parser.add_argument(f"--{f.name}", type=type(f.default) if f.default is not None else int, default=f.default)
+        kind = type(f.default) if f.default is not None else int
+        parser.add_argument(f"--{f.name}", type=_parse_bool if kind is bool else kind, default=f.default)
     args = parser.parse_args(argv)
     spec = TinyModelSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinyModelSpec)})
     logging.basicConfig(level=logging.INFO, format="%(message)s")

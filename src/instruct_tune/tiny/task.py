@@ -19,11 +19,8 @@ from functools import lru_cache
 __all__ = [
     "CHATTER",
     "FAMILIES",
-    "HELDOUT_WORDS",
     "NoisyDemonstrator",
-    "RESERVED_WORDS",
     "SPLITS",
-    "TRAIN_WORDS",
     "Task",
     "WORDS",
     "expected_imperfect_share",
@@ -51,10 +48,6 @@ _WORD_TEXT = """
         hen hut log mat mud oak pea pie rat rug tea web yak zip bug jet kid
 """
 WORDS: tuple[str, ...] = tuple(sorted(_WORD_TEXT.split()))
-# Every fifth word (20%) is reserved for held-out prompts; training prompts never contain one.
-RESERVED_WORDS: frozenset[str] = frozenset(w for i, w in enumerate(WORDS) if i % 5 == 2)
-TRAIN_WORDS: tuple[str, ...] = tuple(w for w in WORDS if w not in RESERVED_WORDS)
-HELDOUT_WORDS: tuple[str, ...] = tuple(w for w in WORDS if w in RESERVED_WORDS)
 
 # Things people append after an answer. Each starts with a capital letter, so it never parses as an answer.
 CHATTER: tuple[str, ...] = (
@@ -290,30 +283,29 @@ def gold_compare(
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def is_heldout(task: Task) -> bool:
-    """Whether ``task`` belongs to the held-out split.
+# repeat has only 200 words x 4 counts = 800 keys: hold out 20% of them so 100 distinct held-out prompts exist.
+_HELDOUT_MODULUS = {"repeat": 5}
 
-    reverse/repeat: held out iff built from reserved words (training tasks use none, held-out tasks only
-    reserved ones). sort/add: held out iff crc32(key) % 10 == 0.
+
+def is_heldout(task: Task) -> bool:
+    """Whether ``task`` belongs to the held-out split: crc32 of its key % 10 == 0 (a stable 10%; 20% for repeat).
+
+    The key is the item list (sort: as a set, reverse: in order), the number pair, or the (word, N) pair,
+    so held-out prompts share none of these with training prompts. Words themselves are shared: measured
+    on the tiny model, a prompt whose word never appeared in any instruction scored 0.0 after SFT
+    (reverse and repeat), against 0.64 and 0.80 on training words; such a split measures nothing.
     """
-    if task.family == "reverse":
-        return all(w in RESERVED_WORDS for w in task.args)
-    if task.family == "repeat":
-        return task.args[0] in RESERVED_WORDS
-    return zlib.crc32(task.key.encode()) % 10 == 0
+    return zlib.crc32(task.key.encode()) % _HELDOUT_MODULUS.get(task.family, 10) == 0
 
 
 def _in_split(task: Task, split: str) -> bool:
-    if task.family == "reverse":
-        pool = RESERVED_WORDS if split == "heldout" else frozenset(TRAIN_WORDS)
-        return all(w in pool for w in task.args)
     return is_heldout(task) == (split == "heldout")
 
 
 def sample_task(rng: random.Random, family: str | None = None, split: str = "train") -> Task:
     """Draw a random task of ``family`` (uniform over FAMILIES if None) from ``split`` ("train"/"heldout").
 
-    The splits are disjoint: no key, number set / pair, or (reverse, repeat) word is shared.
+    The splits are disjoint: no item list, number pair or (word, N) pair is shared.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -321,7 +313,7 @@ def sample_task(rng: random.Random, family: str | None = None, split: str = "tra
         family = rng.choice(FAMILIES)
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}")
-    words = HELDOUT_WORDS if split == "heldout" else TRAIN_WORDS
+    words = WORDS
     template = rng.randrange(len(_TEMPLATES[family]))
     for _ in range(10_000):
         if family == "sort":
@@ -346,11 +338,6 @@ def _swap_adjacent(items: tuple, rng: random.Random) -> tuple:
     out = list(items)
     out[i], out[i + 1] = out[i + 1], out[i]
     return tuple(out)
-
-
-def _pool_of(word: str) -> tuple[str, ...]:
-    """Words of the same split as ``word``, so wrong answers never leak reserved words into training data."""
-    return HELDOUT_WORDS if word in RESERVED_WORDS else TRAIN_WORDS
 
 
 def _mistakes(task: Task, rng: random.Random) -> list[str]:
@@ -386,7 +373,7 @@ def _severe(task: Task, rng: random.Random) -> list[str]:
             _fmt_answer(fam, tuple(sorted(rng.sample(others, len(want))))),
         ]
     if fam == "reverse":
-        others = [w for w in _pool_of(task.args[0]) if w not in task.args]
+        others = [w for w in WORDS if w not in task.args]
         return [
             _fmt_answer(fam, task.args),  # copied the input
             _fmt_answer(fam, want[:1]),  # only the first item
@@ -398,7 +385,7 @@ def _severe(task: Task, rng: random.Random) -> list[str]:
         wrong = [abs(a - b), total + rng.choice((-1, 1)) * rng.randint(2, 9), total + 20 + rng.randrange(50)]
         return [str(x) for x in wrong if x != total]
     word, n = task.args
-    other = rng.choice([w for w in _pool_of(word) if w != word])
+    other = rng.choice([w for w in WORDS if w != word])
     return [word, " ".join([word] * (2 * n)), f"{word} {other}", " ".join([other] * n)]
 
 
