@@ -46,15 +46,6 @@ TEXTS = [
 ] * 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster when other processes share the 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 CHATS = [
     [{"role": "user", "content": "What is 2 + 31?"}, {"role": "assistant", "content": "33"}],
     [

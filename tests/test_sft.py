@@ -29,15 +29,6 @@ TASKS = ("add", "repeat", "reverse", "sort")
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run faster on one thread, and much faster when other processes share the 2 cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def sft_args(output_dir: Path, **overrides) -> SFTStageConfig:
     """A small, fast CPU configuration; `overrides` replace any of its values."""
     values = dict(
