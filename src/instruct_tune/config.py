@@ -126,25 +126,26 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
     all responses of its prompts and the loss weights each prompt once (see `instruct_tune.stages.reward`).
     """
 
-    # `ModelArguments.disable_dropout` is the one option (both dataclasses declaring it would clash in the parser);
+    # `ModelArguments.disable_dropout` is the one option (two dataclasses declaring it clash in the parser);
     # the stage copies it here for TRL.
     disable_dropout: bool = field(default=True, init=False)
     policy_path: str | None = field(
         default=None,
         metadata={
-            "help": "SFT run folder of the policy this reward model will score: its chat template must equal the "
-            "reward model's, and its samples are the reference of the reward normalisation."
+            "help": "SFT run folder of the policy this reward model will score: its chat template must equal "
+            "the reward model's, and its samples are the reference of the reward normalisation."
         },
     )
     normalization_prompts: str | None = field(
         default=None,
         metadata={
-            "help": "Prompts (any prompt-bearing format) the policy answers for the normalisation; without it, the "
-            "prompts of the eval comparisons."
+            "help": "Prompts (any prompt-bearing format) the policy answers for the normalisation; without "
+            "it, the prompts of the eval comparisons."
         },
     )
     normalization_samples: int = field(
-        default=256, metadata={"help": "Number of prompts (one sampled response each) the normalisation uses."}
+        default=256,
+        metadata={"help": "Number of prompts (one sampled response each) the normalisation uses."},
     )
     normalization_max_new_tokens: int = field(
         default=64, metadata={"help": "Longest policy response sampled for the normalisation."}
@@ -155,8 +156,8 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
     use_margin: bool = field(
         default=False,
         metadata={
-            "help": "Subtract the data's `margin` (a `margin` column, or score differences of rankings given by "
-            "`scores`) inside the loss: -log sigmoid(r_w - r_l - margin_scale * margin)."
+            "help": "Subtract the data's `margin` (a `margin` column, or score differences of rankings given "
+            "by `scores`) inside the loss: -log sigmoid(r_w - r_l - margin_scale * margin)."
         },
     )
     margin_scale: float = field(default=1.0, metadata={"help": "Factor applied to the data's margins."})
@@ -176,13 +177,17 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
         if self.normalization_samples < 1:
             raise ConfigError(f"normalization_samples: {self.normalization_samples} must be >= 1")
         if self.normalization_max_new_tokens < 1:
-            raise ConfigError(f"normalization_max_new_tokens: {self.normalization_max_new_tokens} must be >= 1")
+            raise ConfigError(
+                f"normalization_max_new_tokens: {self.normalization_max_new_tokens} must be >= 1"
+            )
         if self.normalization_temperature <= 0:
             raise ConfigError(f"normalization_temperature: {self.normalization_temperature} must be > 0")
         if self.calibration_buckets < 1:
             raise ConfigError(f"calibration_buckets: {self.calibration_buckets} must be >= 1")
         if self.normalization_prompts and not self.policy_path:
-            raise ConfigError("normalization_prompts: set `policy_path` (the SFT run folder) to sample responses from")
+            raise ConfigError(
+                "normalization_prompts: set `policy_path` (the SFT run folder) to sample responses from"
+            )
 
 
 def _known_fields(dataclass_types: Iterable[type]) -> set[str]:

@@ -652,7 +652,7 @@ def convert_rows(
     if report.rows_in == 0:
         raise DataError(source, "no rows")
     if any("margin" in example for example in out):
-        # Rankings by scores carry a margin, rankings by order do not: one table needs the column on every row.
+        # Rankings by scores carry a margin, rankings by order do not: one table needs it on every row.
         for example in out:
             example.setdefault("margin", None)
     report.rows_out = len(out)

@@ -1,4 +1,4 @@
-"""The data of a training stage from its `DataArguments`: sources, train set and eval set, shared by all stages."""
+"""The data of a training stage from its `DataArguments`: sources, train set and eval set (all stages)."""
 
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def train_eval_sets(data_args: DataArguments, kind: Kind, *, seed: int) -> tuple
     train, _ = load_mixture(data_sources(data_args), kind, seed=seed, skip_invalid=data_args.skip_invalid)
     if data_args.eval_dataset_name:
         eval_set, _ = load_source(
-            data_args.eval_dataset_name, kind, split=data_args.eval_dataset_split, skip_invalid=data_args.skip_invalid
+            data_args.eval_dataset_name,
+            kind,
+            split=data_args.eval_dataset_split,
+            skip_invalid=data_args.skip_invalid,
         )
     elif data_args.eval_fraction > 0:
         train, eval_set = split_train_eval(train, data_args.eval_fraction, seed)

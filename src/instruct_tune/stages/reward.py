@@ -51,6 +51,7 @@ from instruct_tune.config import ConfigError, DataArguments, ModelArguments, Rew
 from instruct_tune.data import load_source
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
 from instruct_tune.models.reward import (
+    NORMALIZATION_FILE,
     RewardModel,
     init_reward_head,
     pad_right,
@@ -119,12 +120,15 @@ def group_comparisons(pairs: Dataset) -> Dataset:
 
 
 def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Dataset:
-    """Add `input_ids` (one list per response); drop responses over `max_length` tokens and their pairs."""
+    """Add `input_ids` (one list per response) and `length` (tokens of the prompt's responses together).
+
+    Responses over `max_length` tokens are dropped with their pairs, and prompts left without a pair.
+    """
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         prompts = [p for p, rs in zip(batch["prompt"], batch["responses"], strict=True) for _ in rs]
         flat = reward_input_ids(tokenizer, prompts, [r for rs in batch["responses"] for r in rs])
-        out: dict[str, list] = {key: [] for key in ("input_ids", "better", "worse", "margin")}
+        out: dict[str, list] = {key: [] for key in ("input_ids", "better", "worse", "margin", "length")}
         start = 0
         for responses, better, worse, margin in zip(
             batch["responses"], batch["better"], batch["worse"], batch["margin"], strict=True
@@ -142,6 +146,8 @@ def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
             out["better"].append([p[0] for p in pairs])
             out["worse"].append([p[1] for p in pairs])
             out["margin"].append([p[2] for p in pairs])
+            # the sort key of `train_sampling_strategy: group_by_length`
+            out["length"].append(sum(len(ids[i]) for i in keep))
         return out
 
     n_pairs = sum(len(b) for b in groups["better"])
@@ -151,7 +157,11 @@ def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
     if kept < n_pairs:
         logger.warning(
             "Dropped %d of %d comparisons with a response over max_length=%s tokens (%d of %d prompts left)",
-            n_pairs - kept, n_pairs, max_length, len(tokenized), len(groups),
+            n_pairs - kept,
+            n_pairs,
+            max_length,
+            len(tokenized),
+            len(groups),
         )
     if len(tokenized) == 0:
         raise ValueError(f"no comparison fits in max_length={max_length} tokens")
@@ -168,7 +178,7 @@ def shared_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
 
 
 def pack_group(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
-    """One row for the K responses of a prompt: the shared prompt tokens once, then each response's own tokens.
+    """One row for the K responses of a prompt: the shared prompt tokens once, then each response's tokens.
 
     Returns the row's token ids, position ids (each response continues from the end of the prefix), segment
     ids (0 for the prefix, k for response k) and the position of each response's last (EOS) token.
@@ -183,26 +193,29 @@ def pack_group(sequences: Sequence[Sequence[int]]) -> tuple[list[int], list[int]
     return ids, positions, segments, ends
 
 
-def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean (G, 1, T, T) mask of packed rows: causal, and a response sees the prefix and itself only.
+def packed_attention_mask(segment_ids: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (R, 1, T, T) mask of packed rows: causal; a token sees only its own prompt's tokens, and
+    there a response sees the prompt (segment 0) and itself only.
 
-    Padding (segment -1, at the end of a row) sees only what precedes it, so no attention row is empty.
+    Padding (group and segment -1, at the end of a row) sees only padding, so no attention row is empty.
     """
     length = segment_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same_group = group_ids[:, :, None] == group_ids[:, None, :]
     query, key = segment_ids[:, :, None], segment_ids[:, None, :]
-    return (causal & ((key == 0) | (key == query)))[:, None]
+    return (causal & same_group & ((key == 0) | (key == query)))[:, None]
 
 
 @dataclass
 class GroupedPreferenceCollator:
     """Batch whole prompts: all their responses, and their pairs as indices into the batch's responses.
 
-    Always returns `better`, `worse` (response indices), `pair_weight` (1/P_g for each pair of prompt g, so the
-    weights of one prompt sum to 1) and, with `use_margin`, `margin`. With `share_prompt` each prompt is one
-    packed row (`input_ids`, `position_ids`, `segment_ids`, `reward_index`: flat positions of the reward
-    tokens), so the prompt tokens are computed once for its K responses; otherwise one right-padded row per
-    response (`input_ids`, `attention_mask`), as `trl.RewardTrainer` does.
+    Always returns `better`, `worse` (response indices), `pair_weight` (1/P_g for each pair of prompt g, so
+    the weights of one prompt sum to 1) and, with `use_margin`, `margin`. With `share_prompt` a prompt's
+    responses are packed behind one copy of the prompt, and several prompts share a row of up to
+    `row_length` tokens (`input_ids`, `position_ids`, `segment_ids`, `group_ids`, `reward_index`: flat
+    positions of the reward tokens); otherwise one right-padded row per response (`input_ids`,
+    `attention_mask`), as `trl.RewardTrainer` does.
     """
 
     pad_token_id: int
@@ -210,6 +223,9 @@ class GroupedPreferenceCollator:
     use_margin: bool = False
     margin_scale: float = 1.0
     share_prompt: bool = True
+    # Packed rows hold several prompts up to this many tokens (or the longest prompt's row), so short prompts
+    # do not pay for the padding of long ones.
+    row_length: int = 256
 
     def __call__(self, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         better, worse, weight, margin = [], [], [], []
@@ -240,20 +256,47 @@ class GroupedPreferenceCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
     def _packed(self, groups: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [pack_group(group["input_ids"]) for group in groups]
-        input_ids = pad_right([r[0] for r in rows], self.pad_token_id, self.pad_to_multiple_of)
-        length = input_ids.shape[1]
-        position_ids = torch.zeros_like(input_ids)
-        segment_ids = torch.full_like(input_ids, -1)
-        for i, (ids, positions, segments, _) in enumerate(rows):
-            position_ids[i, : len(ids)] = torch.tensor(positions)
-            position_ids[i, len(ids) :] = torch.arange(positions[-1] + 1, positions[-1] + 1 + length - len(ids))
-            segment_ids[i, : len(ids)] = torch.tensor(segments)
-        reward_index = torch.tensor([i * length + end for i, r in enumerate(rows) for end in r[3]])
+        packed = [pack_group(group["input_ids"]) for group in groups]
+        # First-fit decreasing: prompts (each with all its responses) into as few rows as possible.
+        capacity = max(self.row_length, max(len(p[0]) for p in packed))
+        rows: list[list[int]] = []
+        fill: list[int] = []
+        for g in sorted(range(len(packed)), key=lambda g: -len(packed[g][0])):
+            size = len(packed[g][0])
+            row = next((r for r, used in enumerate(fill) if used + size <= capacity), None)
+            if row is None:
+                rows.append([])
+                fill.append(0)
+                row = len(rows) - 1
+            rows[row].append(g)
+            fill[row] += size
+        length = max(fill)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        shape = (len(rows), length)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
+        position_ids = torch.zeros(shape, dtype=torch.long)  # padding reads position 0: always in range
+        segment_ids = torch.full(shape, -1, dtype=torch.long)
+        group_ids = torch.full(shape, -1, dtype=torch.long)
+        start: dict[int, int] = {}  # prompt -> flat index of its first token
+        for r, members in enumerate(rows):
+            offset = 0
+            for local, g in enumerate(members):
+                ids, positions, segments, _ = packed[g]
+                span = slice(offset, offset + len(ids))
+                input_ids[r, span] = torch.tensor(ids)
+                position_ids[r, span] = torch.tensor(positions)
+                segment_ids[r, span] = torch.tensor(segments)
+                group_ids[r, span] = local
+                start[g] = r * length + offset
+                offset += len(ids)
+        # Responses in batch order (the order of `better`/`worse`), wherever their prompt was placed.
+        reward_index = torch.tensor([start[g] + end for g in range(len(packed)) for end in packed[g][3]])
         return {
             "input_ids": input_ids,
             "position_ids": position_ids,
             "segment_ids": segment_ids,
+            "group_ids": group_ids,
             "reward_index": reward_index,
         }
 
@@ -290,7 +333,7 @@ def packed_rewards(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
     The sequence-classification head pools at one token per row; a hook on it (`score`) collects its
     output at every position instead, and `reward_index` picks the responses' last tokens.
     """
-    allowed = packed_attention_mask(inputs["segment_ids"])
+    allowed = packed_attention_mask(inputs["segment_ids"], inputs["group_ids"])
     if attention_implementation(model) == "eager":
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
@@ -302,7 +345,10 @@ def packed_rewards(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.T
     handle = head.register_forward_hook(lambda _module, _args, output: captured.append(output))
     try:
         outputs = model(
-            input_ids=inputs["input_ids"], attention_mask=mask, position_ids=inputs["position_ids"], use_cache=False
+            input_ids=inputs["input_ids"],
+            attention_mask=mask,
+            position_ids=inputs["position_ids"],
+            use_cache=False,
         )
     finally:
         handle.remove()
@@ -327,7 +373,7 @@ def can_share_prompt(model: nn.Module) -> bool:
 class GroupedRewardTrainer(RewardTrainer):
     """`trl.RewardTrainer` over one row per prompt: own tokenisation, collator and loss; the rest is TRL's."""
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):  # noqa: ANN001, ANN202
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "input_ids" in dataset.column_names:
             return dataset
         if "responses" not in dataset.column_names:
@@ -336,9 +382,9 @@ class GroupedRewardTrainer(RewardTrainer):
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "better", "worse", "margin"]
+            self._signature_columns = ["input_ids", "better", "worse", "margin", "length"]
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001, ANN201
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         better, worse = inputs.pop("better"), inputs.pop("worse")
         pair_weight, margin = inputs.pop("pair_weight"), inputs.pop("margin", None)
@@ -359,19 +405,31 @@ class GroupedRewardTrainer(RewardTrainer):
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         with torch.no_grad():
             diff = rewards[better] - rewards[worse]
-            gathered = self.accelerator.gather(rewards.detach())
-            self._metrics[mode]["mean_reward"].append(gathered.mean().item())
+            mean_reward = self.accelerator.gather_for_metrics(rewards.detach().mean()).mean().item()
+            self._metrics[mode]["mean_reward"].append(mean_reward)
             accuracy = self.accelerator.gather_for_metrics((diff > 0).float().mean()).mean().item()
             self._metrics[mode]["accuracy"].append(accuracy)
-            self._metrics[mode]["margin"].append(self.accelerator.gather_for_metrics(diff.mean()).mean().item())
+            self._metrics[mode]["margin"].append(
+                self.accelerator.gather_for_metrics(diff.mean()).mean().item()
+            )
         return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Evaluation during training reports the loss and the logged accuracy/margin; the rewards of a batch
+        # vary in number between processes, so they are not gathered (the final eval scores every pair).
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
 
 # --- evaluation -----------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def pair_differences(rm: RewardModel, groups: Dataset, batch_size: int = 64) -> tuple[torch.Tensor, list[Any]]:
+def pair_differences(
+    rm: RewardModel, groups: Dataset, batch_size: int = 64
+) -> tuple[torch.Tensor, list[Any]]:
     """r(better) - r(worse) of every comparison of tokenised `groups`, with each comparison's task tag."""
     flat = [ids for row in groups["input_ids"] for ids in row]
     rewards = rm.raw_score_ids(flat, batch_size=batch_size)
@@ -381,7 +439,10 @@ def pair_differences(rm: RewardModel, groups: Dataset, batch_size: int = 64) -> 
     for i, (better, worse, n) in enumerate(
         zip(groups["better"], groups["worse"], (len(r) for r in groups["input_ids"]), strict=True)
     ):
-        diffs.extend((rewards[offset + win] - rewards[offset + lose]).item() for win, lose in zip(better, worse, strict=True))
+        diffs.extend(
+            (rewards[offset + win] - rewards[offset + lose]).item()
+            for win, lose in zip(better, worse, strict=True)
+        )
         tasks.extend([groups[i]["task"] if has_task else None] * len(better))
         offset += n
     return torch.tensor(diffs), tasks
@@ -457,8 +518,8 @@ def check_chat_template(tokenizer: PreTrainedTokenizerBase, source: str, policy_
             f"chat templates differ: the reward model's tokenizer ({source}) renders a chat as "
             f"{tokenizer.apply_chat_template(probe, tokenize=False)!r}, the policy's ({policy_path}) as "
             f"{policy_tokenizer.apply_chat_template(probe, tokenize=False)!r}. The reward model must read "
-            "responses as the policy writes them: initialise it from the SFT run folder or pass its tokenizer "
-            "with `tokenizer_name_or_path`."
+            "responses as the policy writes them: initialise it from the SFT run folder or pass its "
+            "tokenizer with `tokenizer_name_or_path`."
         )
 
 
@@ -483,7 +544,12 @@ def sample_policy(
     for start in range(0, len(prompts), batch_size):
         chats = [list(p) for p in prompts[start : start + batch_size]]
         batch = tokenizer.apply_chat_template(
-            chats, add_generation_prompt=True, tokenize=True, return_dict=True, padding=True, return_tensors="pt"
+            chats,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding=True,
+            return_tensors="pt",
         ).to(device)
         out = model.generate(
             **batch,
@@ -523,10 +589,13 @@ def reference_responses(
             seed=args.seed,
             device=device,
         )
-        source = f"samples of {args.policy_path} (T={args.normalization_temperature:g}) on {len(prompts)} of {where}"
+        temperature = args.normalization_temperature
+        source = f"samples of {args.policy_path} (T={temperature:g}) on {len(prompts)} of {where}"
         return list(prompts), responses, source
     if eval_groups is None:
-        raise ConfigError("normalisation needs `policy_path` or an eval set (its chosen responses are the reference)")
+        raise ConfigError(
+            "normalisation needs `policy_path` or an eval set (its chosen responses are the reference)"
+        )
     prompts, responses = [], []
     for row in eval_groups.select(range(min(len(eval_groups), args.normalization_samples))):
         for i in sorted(set(row["better"])):  # every response chosen in some comparison of the prompt
@@ -535,7 +604,9 @@ def reference_responses(
     return prompts, responses, f"chosen responses of {len(set(map(str, prompts)))} eval prompts"
 
 
-def normalize(rm: RewardModel, prompts: Sequence[Any], responses: Sequence[str], source: str) -> dict[str, Any]:
+def normalize(
+    rm: RewardModel, prompts: Sequence[Any], responses: Sequence[str], source: str
+) -> dict[str, Any]:
     """Set `rm.bias` so the reference responses score mean 0; returns the normalisation record."""
     raw = rm.raw_score(prompts, responses)
     mean = raw.mean().item()
@@ -566,7 +637,9 @@ def _append_to_card(output_dir: Path, title: str, body: str) -> None:
     card.save(card_file)
 
 
-def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
+def run_reward(
+    training_args: RewardStageConfig, data_args: DataArguments, model_args: ModelArguments
+) -> Path:
     """Train the reward model, evaluate and normalise it, and write its run folder; returns the folder."""
     configure_logging(training_args)
     set_seed(training_args.seed)
@@ -578,11 +651,20 @@ def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model
 
     train_pairs, eval_pairs = train_eval_sets(data_args, "preference", seed=training_args.seed)
     if training_args.use_margin and "margin" not in train_pairs.column_names:
-        raise ConfigError("use_margin: the training data has no margins (a `margin` column or ranking `scores`)")
+        raise ConfigError(
+            "use_margin: the training data has no margins (a `margin` column or ranking `scores`)"
+        )
+    if eval_pairs is None and not training_args.policy_path:
+        raise ConfigError(
+            "normalisation needs `policy_path` (the SFT run folder) or an eval set (its chosen responses are "
+            "the reference): set one of them, or `eval_fraction` > 0"
+        )
     train, eval_set = group_comparisons(train_pairs), group_comparisons(eval_pairs) if eval_pairs else None
     logger.info(
         "Reward data: %d comparisons of %d prompts for training, %s for eval",
-        len(train_pairs), len(train), f"{len(eval_pairs)} of {len(eval_set)} prompts" if eval_set else "none",
+        len(train_pairs),
+        len(train),
+        f"{len(eval_pairs)} of {len(eval_set)} prompts" if eval_set else "none",
     )
 
     model = load_model(
@@ -596,8 +678,8 @@ def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model
         std = init_reward_head(model, seed=training_args.seed)
         logger.info("Reward head initialised N(0, %.3g)", std)
     if hasattr(model, "peft_config"):
-        # The adapter is trained on `source` (e.g. the SFT run folder, merged): record it as the base, so loading
-        # the reward run folder merges the SFT adapter first.
+        # The adapter is trained on `source` (e.g. the SFT run folder, merged): record it as the base, so
+        # loading the reward run folder merges the SFT adapter first.
         model.peft_config["default"].base_model_name_or_path = source
 
     share_prompt = training_args.share_prompt and can_share_prompt(model)
@@ -629,7 +711,9 @@ def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model
     normalization: dict[str, Any] | None = None
     if trainer.is_world_process_zero():
         if trainer.eval_dataset is not None:
-            diffs, tasks = pair_differences(rm, trainer.eval_dataset, training_args.per_device_eval_batch_size)
+            diffs, tasks = pair_differences(
+                rm, trainer.eval_dataset, training_args.per_device_eval_batch_size
+            )
             metrics.update(comparison_metrics(diffs, tasks if data_args.per_task_metrics else []))
             metrics["eval_comparisons"] = len(diffs)
             calibration = calibration_table(diffs, training_args.calibration_buckets)
@@ -654,8 +738,9 @@ def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model
         _append_to_card(
             output_dir,
             "Normalisation",
-            f"Scores are shifted by bias {normalization['bias']:+.4f} so that {normalization['source']} score mean 0 "
-            f"(std {normalization['std']:.4f}, n={normalization['n']}); stored in `reward_normalization.json`.",
+            f"Scores are shifted by bias {normalization['bias']:+.4f} so that {normalization['source']} "
+            f"score mean 0 (std {normalization['std']:.4f}, n={normalization['n']}); stored in "
+            f"`{NORMALIZATION_FILE}`.",
         )
         if calibration:
             (output_dir / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
@@ -663,5 +748,3 @@ def run_reward(training_args: RewardStageConfig, data_args: DataArguments, model
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             _append_to_card(output_dir, "Calibration (eval comparisons)", table)
     return output_dir
-
-
