@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -519,3 +522,48 @@ def test_reward_command_takes_the_stage_options(capsys: pytest.CaptureFixture) -
         "--use_peft",
     ):
         assert option in out
+
+
+def test_accelerate_launch_two_processes(tiny_model_dir: Path, comparisons, tmp_path: Path) -> None:
+    """DDP on CPU: ranks share the prompts, evaluation during training works, one run folder is written."""
+    prompts, batch = 64, 4
+    config = tmp_path / "reward.yaml"
+    output_dir = tmp_path / "runs" / "reward"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_name_or_path": str(tiny_model_dir),
+                "dataset_name": str(comparisons[0]),
+                "eval_dataset_name": str(comparisons[1]),
+                "max_train_samples": prompts,
+                "output_dir": str(output_dir),
+                "num_train_epochs": 1,
+                "per_device_train_batch_size": batch,
+                "learning_rate": 1.0e-3,
+                "max_length": 128,
+                "gradient_checkpointing": False,
+                "logging_steps": 2,
+                "eval_strategy": "steps",
+                "eval_steps": 4,
+                "save_strategy": "no",
+                "report_to": "none",
+                "disable_tqdm": True,
+                "seed": 0,
+            }
+        )
+    )
+    accelerate = Path(sys.executable).parent / "accelerate"
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "recipes/reward.py"]
+    command += ["--config", str(config), "--use_cpu", "true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    assert [p.name for p in output_dir.parent.iterdir()] == ["reward"]
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == prompts // (2 * batch)  # 2 ranks share the 64 prompts
+    assert any("eval_loss" in entry for entry in state["log_history"])
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert metrics["eval_comparisons"] == 40 * 6
+    assert (output_dir / NORMALIZATION_FILE).is_file()
