@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainingArguments
 from trl import ModelConfig, RewardConfig, SFTConfig, TrlParser
 
 # Fields never written to a saved config: secrets, and per-process values that must come from the launcher.
@@ -188,6 +189,96 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
             raise ConfigError(
                 "normalization_prompts: set `policy_path` (the SFT run folder) to sample responses from"
             )
+
+
+@dataclass
+class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
+    """Options of our PPO stage (InstructGPT step 3) on top of `transformers.TrainingArguments`.
+
+    One PPO step: every process samples `rollout_batch_size` prompts and answers them, scores the answers,
+    then runs `ppo_epochs` passes over them in `num_mini_batches` minibatches (each split into
+    `gradient_accumulation_steps` micro-batches). `total_episodes` (default: `num_train_epochs` passes over
+    the prompts) fixes the number of steps. `model_name_or_path` is the SFT run folder.
+    """
+
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward stage run folder (its normalisation is applied)."}
+    )
+    shared_base: bool = field(
+        default=True,
+        metadata={
+            "help": "One frozen base for policy and reference (and reward and value when the reward model is "
+            "a LoRA adapter over the SFT model); false loads four separate models."
+        },
+    )
+    total_episodes: int | None = field(
+        default=None, metadata={"help": "Prompts answered in all (default: num_train_epochs x prompts)."}
+    )
+    rollout_batch_size: int = field(default=64, metadata={"help": "Prompts per process per PPO step."})
+    num_mini_batches: int = field(default=1, metadata={"help": "Minibatches per PPO epoch of a rollout batch."})
+    ppo_epochs: int = field(default=4, metadata={"help": "Passes over each rollout batch."})
+    forward_batch_size: int | None = field(
+        default=None, metadata={"help": "Rows per no-grad forward when scoring a rollout (default: all)."}
+    )
+    max_prompt_length: int = field(default=256, metadata={"help": "Longer prompts are skipped (counted)."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest response sampled."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; training logprobs use the same one."}
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0: off)."})
+    missing_eos_penalty: float | None = field(
+        default=1.0, metadata={"help": "Subtracted from the score of a response without EOS (null: none)."}
+    )
+    kl_coef: float = field(default=0.05, metadata={"help": "beta of the per-token KL penalty (initial value)."})
+    target_kl: float | None = field(
+        default=None,
+        metadata={"help": "Adaptive beta aiming at this KL per response (lm-human-preferences); null: fixed."},
+    )
+    kl_horizon: float = field(default=10000, metadata={"help": "Horizon (episodes) of the adaptive beta."})
+    cliprange: float = field(default=0.2, metadata={"help": "Policy ratio clip."})
+    cliprange_value: float = field(default=0.2, metadata={"help": "Value clip around the rollout's values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    gamma: float = field(default=1.0, metadata={"help": "Discount of GAE."})
+    lam: float = field(default=0.95, metadata={"help": "lambda of GAE."})
+    whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
+    reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-x, x] (null: off)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with checkpoints."})
+    ptx_coef: float = field(
+        default=0.0, metadata={"help": "PPO-ptx gamma: weight of the LM loss on `ptx_dataset` (0: plain PPO)."}
+    )
+    ptx_dataset: str | None = field(
+        default=None, metadata={"help": "Pretraining/SFT text (`text` rows, or chats) for PPO-ptx."}
+    )
+    ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx rows per minibatch per process."})
+    ptx_max_length: int = field(default=128, metadata={"help": "PPO-ptx rows are cut to this many tokens."})
+    eval_samples: int = field(
+        default=256, metadata={"help": "Held-out prompts answered at the start and end (0: no eval)."}
+    )
+    sample_steps: int = field(default=10, metadata={"help": "Log a table of sample generations every N steps."})
+    num_samples_logged: int = field(default=6, metadata={"help": "Rows of each sample table."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive = ("rollout_batch_size", "num_mini_batches", "ppo_epochs", "max_new_tokens", "ptx_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        if self.rollout_batch_size % (self.num_mini_batches * self.gradient_accumulation_steps):
+            raise ConfigError(
+                f"rollout_batch_size {self.rollout_batch_size} must divide into num_mini_batches "
+                f"{self.num_mini_batches} x gradient_accumulation_steps {self.gradient_accumulation_steps}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: {self.temperature} must be > 0 (PPO trains on sampled responses)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: {self.top_p} is not in (0, 1]")
+        if self.ptx_coef < 0:
+            raise ConfigError(f"ptx_coef: {self.ptx_coef} must be >= 0")
+        if self.ptx_coef > 0 and not self.ptx_dataset:
+            raise ConfigError("ptx_coef > 0 needs `ptx_dataset` (pretraining or SFT text)")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ConfigError(f"target_kl: {self.target_kl} must be > 0 (null for a fixed beta)")
 
 
 def _known_fields(dataclass_types: Iterable[type]) -> set[str]:

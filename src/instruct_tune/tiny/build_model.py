@@ -145,6 +145,9 @@ def build_tiny_model(
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
+        # The tanh GELU of GPT-2 as one fused op: the same function as "gelu_new" (within 3e-7), written in
+        # Python there; measured 24% of a PPO update's CPU time on this model.
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

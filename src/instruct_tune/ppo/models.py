@@ -1,0 +1,369 @@
+"""The four models of PPO (policy, reference, reward, value) with as few copies of the weights as possible.
+
+- **Policy** (trainable): a LoRA adapter over the SFT model (`use_peft`), or the full SFT model.
+- **Reference**: the same base with its adapters switched off; a frozen copy only when the policy is full.
+- **Reward**: the reward stage's model, frozen, read at the last response token, its normalisation applied.
+- **Value** (trainable): initialised from the reward model (InstructGPT): a LoRA adapter over the reward
+  model with a copy of its score head, or a full copy when the policy is full.
+
+When the reward model is itself a LoRA adapter over the policy's base (a reward stage trained with
+`use_peft` from the SFT run folder), one frozen base serves all four: adapters `default` (policy),
+`reward` and `value`, and the two heads. `shared_base: false` loads four separate models instead (what
+the peers do; kept for comparison and for bases that cannot be shared).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from instruct_tune.config import ModelArguments
+from instruct_tune.models.loading import adapter_chain, load_model, lora_config
+from instruct_tune.models.reward import read_normalization
+
+logger = logging.getLogger(__name__)
+
+POLICY, VALUE, REWARD = "default", "value", "reward"
+
+
+# --- adapters -------------------------------------------------------------------------------------------
+
+
+def _tuner_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
+    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
+
+
+@contextmanager
+def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run with only adapter `name` active (None: every adapter off), leaving `requires_grad` untouched.
+
+    PEFT's `set_adapter` / `disable_adapter` also freeze the adapters they switch off, which would stop the
+    policy and value adapters of one base from training together.
+    """
+    layers = list(_tuner_layers(model))
+    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    try:
+        for layer in layers:
+            if name is None:
+                layer._disable_adapters = True
+            else:
+                layer._active_adapter = [name]
+                layer._disable_adapters = False
+        yield
+    finally:
+        for layer, (active, disabled) in zip(layers, saved, strict=True):
+            layer._active_adapter, layer._disable_adapters = active, disabled
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of a causal-LM or sequence-classification model (PEFT wrapper or not)."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    return inner.base_model
+
+
+def score_head(model: PreTrainedModel) -> nn.Linear:
+    """The reward head (`score`) of a sequence-classification model."""
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"{type(model).__name__} has no `score` linear head to read rewards from")
+    return head
+
+
+def value_head_from(head: nn.Linear, bias: float) -> nn.Linear:
+    """A trainable copy of the reward head (float32), shifted by the normalisation bias so that the value
+    model starts out predicting the normalised score."""
+    copied = nn.Linear(head.in_features, 1, bias=True)
+    with torch.no_grad():
+        copied.weight.copy_(head.weight[:1].float())
+        copied.bias.fill_(bias + (float(head.bias[0]) if head.bias is not None else 0.0))
+    return copied.to(head.weight.device).requires_grad_(True)
+
+
+def last_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of the transformer body; positions count from each row's first real token."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_length: int | None = None,
+) -> torch.Tensor:
+    """Causal-LM logits with positions counted from each row's first real token (left padding).
+
+    With `response_length` R, only the logits that predict the last R tokens are computed (`[batch, R, vocab]`):
+    the vocabulary projection of the prompt positions is skipped.
+    """
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    keep = {"logits_to_keep": response_length + 1} if response_length else {}
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep
+    ).logits
+    return logits[:, :-1] if response_length else logits
+
+
+# --- the trainable module -------------------------------------------------------------------------------
+
+
+class PolicyAndValue(nn.Module):
+    """Policy logits and values in one forward call, so distributed training sees one forward per backward.
+
+    `value_body` may be the policy's own base (adapter `value`) or a separate model.
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        value_model: nn.Module,
+        value_head: nn.Linear,
+        *,
+        value_adapter: str | None,
+    ) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+        self.value_adapter = value_adapter
+        # The value model may be the policy's module: registered once, reached through a plain attribute.
+        self._value_model = [value_model]
+        if value_model is not policy:
+            self.value_model = value_model
+
+    @property
+    def policy_adapter(self) -> str | None:
+        return POLICY if isinstance(self.policy, PeftModel) else None
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Value of every position, `[batch, length]`."""
+        model = self._value_model[0]
+        if self.value_adapter is None:
+            hidden = last_hidden(backbone(model), input_ids, attention_mask)
+        else:
+            with active_adapter(model, self.value_adapter):
+                hidden = last_hidden(backbone(model), input_ids, attention_mask)
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
+    ) -> torch.Tensor:
+        """Policy logits `[batch, length, vocab]` (only those predicting the last `response_length` tokens)."""
+        if self.policy_adapter is None:
+            return lm_logits(self.policy, input_ids, attention_mask, response_length)
+        with active_adapter(self.policy, POLICY):
+            return lm_logits(self.policy, input_ids, attention_mask, response_length)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Policy logits and values; with `response_length` R both cover only the positions predicting the
+        last R tokens."""
+        values = self.values(input_ids, attention_mask)
+        if response_length:
+            values = values[:, -response_length - 1 : -1]
+        return self.logits(input_ids, attention_mask, response_length), values
+
+
+class PPOModels:
+    """Policy and value (`trainable`, the module to optimise), reference and reward (frozen)."""
+
+    def __init__(
+        self,
+        trainable: PolicyAndValue,
+        *,
+        ref_model: nn.Module | None,
+        reward_model: nn.Module,
+        reward_head: nn.Linear,
+        reward_adapter: str | None,
+        reward_bias: float,
+        layout: str,
+    ) -> None:
+        self.trainable = trainable
+        self.ref_model = ref_model  # None: the policy's base with adapters off
+        self.reward_model = reward_model
+        self.reward_head = reward_head
+        self.reward_adapter = reward_adapter
+        self.reward_bias = reward_bias
+        self.layout = layout
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Models outside `trainable` (to move to the device and keep in eval mode)."""
+        modules = [self.reward_head]
+        if self.ref_model is not None:
+            modules.append(self.ref_model)
+        if not _is_part_of(self.reward_model, self.trainable):
+            modules.append(self.reward_model)
+        return modules
+
+    @torch.no_grad()
+    def ref_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
+    ) -> torch.Tensor:
+        """Reference-policy (SFT) logits, as `PolicyAndValue.logits`."""
+        if self.ref_model is not None:
+            return lm_logits(self.ref_model, input_ids, attention_mask, response_length)
+        with active_adapter(self.trainable.policy, None):
+            return lm_logits(self.trainable.policy, input_ids, attention_mask, response_length)
+
+    @torch.no_grad()
+    def scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised reward of each sequence, read at `last_index` (its last response token)."""
+        model = self.reward_model
+        if self.reward_adapter is not None:
+            with active_adapter(model, None if self.reward_adapter == "off" else self.reward_adapter):
+                hidden = last_hidden(backbone(model), input_ids, attention_mask)
+        else:
+            hidden = last_hidden(backbone(model), input_ids, attention_mask)
+        rows = torch.arange(len(input_ids), device=input_ids.device)
+        picked = hidden[rows, last_index].to(self.reward_head.weight.dtype)
+        return self.reward_head(picked)[:, 0].float() + self.reward_bias
+
+
+def _is_part_of(module: nn.Module, parent: nn.Module) -> bool:
+    return any(m is module for m in parent.modules())
+
+
+# --- building -------------------------------------------------------------------------------------------
+
+
+def _same_path(a: str, b: str) -> bool:
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
+
+
+def reward_shares_policy_base(policy_path: str, reward_path: str) -> bool:
+    """Whether the reward model is a LoRA adapter trained on exactly the policy's starting model."""
+    _, reward_adapters = adapter_chain(reward_path)
+    if not reward_adapters or not _same_path(reward_adapters[-1], reward_path):
+        return False
+    reward_parent = PeftConfig.from_pretrained(reward_path).base_model_name_or_path
+    return _same_path(reward_parent, policy_path)
+
+
+def _load_reward_adapter(model: PeftModel, reward_path: str, names: tuple[str, ...]) -> nn.Linear:
+    """Load the reward adapter's LoRA weights under each of `names`; returns its score head."""
+    config = PeftConfig.from_pretrained(reward_path)
+    weights = load_file(str(Path(reward_path) / "adapter_model.safetensors"))
+    head_weights = {k.rsplit(".", 1)[-1]: v for k, v in weights.items() if ".score." in k}
+    lora_weights = {k: v for k, v in weights.items() if ".score." not in k}
+    if "weight" not in head_weights:
+        raise ValueError(f"{reward_path}: the adapter holds no `score` head weights")
+    lora = LoraConfig(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        target_modules=config.target_modules,
+        use_rslora=config.use_rslora,
+        use_dora=config.use_dora,
+        lora_dropout=0.0,
+        bias="none",
+    )
+    for name in names:
+        model.add_adapter(name, lora)
+        result = set_peft_model_state_dict(model, lora_weights, adapter_name=name)
+        missing = [k for k in result.unexpected_keys if "lora" in k]
+        if missing:
+            raise ValueError(f"{reward_path}: adapter weights {missing[:3]} do not fit the policy's base")
+    head = nn.Linear(head_weights["weight"].shape[1], 1, bias="bias" in head_weights)
+    with torch.no_grad():
+        head.weight.copy_(head_weights["weight"][:1])
+        if "bias" in head_weights:
+            head.bias.copy_(head_weights["bias"][:1])
+    return head
+
+
+def build_ppo_models(
+    model_args: ModelArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    reward_path: str,
+    *,
+    shared_base: bool = True,
+    trust_remote_code: bool = False,
+) -> PPOModels:
+    """Load policy, reference, reward and value for PPO from the SFT and reward run folders."""
+    policy_path = model_args.model_name_or_path
+    normalization = read_normalization(reward_path)
+    if normalization is None:
+        logger.warning("%s has no reward normalisation: raw scores are used", reward_path)
+    bias = float(normalization["bias"]) if normalization else 0.0
+    reward_args = ModelArguments(
+        model_name_or_path=reward_path,
+        dtype=model_args.dtype,
+        attn_implementation=model_args.attn_implementation,
+    )
+
+    if model_args.use_peft and model_args.lora_dropout:
+        # Dropout makes the logprobs of one rollout differ between passes, which PPO's ratio reads as change.
+        logger.info(
+            "PPO sets lora_dropout %s to 0: dropout is off in every PPO model", model_args.lora_dropout
+        )
+        model_args = copy.copy(model_args)
+        model_args.lora_dropout = 0.0
+    policy = load_model(model_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
+    if model_args.use_peft and shared_base and reward_shares_policy_base(policy_path, reward_path):
+        head = _load_reward_adapter(policy, reward_path, (REWARD, VALUE))
+        for name, param in policy.named_parameters():
+            param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
+        value_head = value_head_from(head, bias)
+        trainable = PolicyAndValue(policy, policy, value_head, value_adapter=VALUE)
+        return PPOModels(
+            trainable,
+            ref_model=None,
+            reward_model=policy,
+            reward_head=head.requires_grad_(False),
+            reward_adapter=REWARD,
+            reward_bias=bias,
+            layout="one shared base: policy, reference, reward and value adapters",
+        )
+
+    reward = load_model(reward_args, tokenizer, head="reward", trust_remote_code=trust_remote_code)
+    reward.requires_grad_(False).eval()
+    reward_head = score_head(reward)
+    value_head = value_head_from(reward_head, bias)
+
+    if model_args.use_peft and shared_base:
+        # The reward model's own base carries the value adapter; the reward reads it with the adapter off.
+        value_lora = lora_config(model_args, reward.config.model_type, "causal")
+        value_lora.task_type = None
+        value_lora.modules_to_save = None
+        reward = get_peft_model(reward, value_lora, adapter_name=VALUE)
+        trainable = PolicyAndValue(policy, reward, value_head, value_adapter=VALUE)
+        return PPOModels(
+            trainable,
+            ref_model=None,
+            reward_model=reward,
+            reward_head=reward_head,
+            reward_adapter="off",
+            reward_bias=bias,
+            layout="two bases: policy/reference (SFT) and value/reward (reward model)",
+        )
+
+    # Separate models: a frozen reference copy of the SFT model and a full trainable copy of the reward model.
+    ref_args = copy.copy(model_args)
+    ref_args.use_peft = False
+    ref_args.load_in_4bit = False
+    ref = load_model(ref_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
+    ref.requires_grad_(False).eval()
+    value = copy.deepcopy(reward).requires_grad_(True)
+    value.score = None  # the value head lives in `value_head`
+    trainable = PolicyAndValue(policy, value, value_head, value_adapter=None)
+    return PPOModels(
+        trainable,
+        ref_model=ref,
+        reward_model=reward,
+        reward_head=reward_head,
+        reward_adapter=None,
+        reward_bias=bias,
+        layout="four models: policy, reference, reward, value",
+    )

@@ -1,0 +1,153 @@
+"""Reinforcement learning against the reward model with PPO (InstructGPT step 3), on our own trainer.
+
+The SFT run folder is the starting policy and the reference; the reward stage's run folder gives the reward
+(normalised) and the value model's initialisation. The run folder holds the policy adapter (or full model),
+tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` (the per-step log), `samples.jsonl` and the card.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from peft import PeftModel
+from transformers import PreTrainedTokenizerBase, set_seed
+
+from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
+from instruct_tune.config import (
+    ConfigError,
+    DataArguments,
+    ModelArguments,
+    PPOStageConfig,
+    resolved_config,
+    save_config,
+)
+from instruct_tune.data import load_source
+from instruct_tune.models import adapter_base, load_tokenizer
+from instruct_tune.ppo.models import POLICY, build_ppo_models
+from instruct_tune.ppo.rollout import encode_prompts
+from instruct_tune.ppo.trainer import PPOTrainer
+from instruct_tune.stages.data_sources import data_sources, train_eval_sets
+from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging
+
+logger = logging.getLogger(__name__)
+
+
+def check_same_tokenizer(
+    policy: PreTrainedTokenizerBase, reward: PreTrainedTokenizerBase, reward_path: str
+) -> None:
+    """The reward model reads the policy's token ids directly: vocabularies, EOS and chat template must agree."""
+    problems = []
+    if policy.get_vocab() != reward.get_vocab():
+        problems.append("vocabularies differ")
+    if policy.eos_token != reward.eos_token:
+        problems.append(f"EOS differs ({policy.eos_token!r} vs {reward.eos_token!r})")
+    if policy.chat_template != reward.chat_template:
+        problems.append("chat templates differ")
+    if problems:
+        raise ConfigError(
+            f"reward_model_path {reward_path}: its tokenizer does not match the policy's ({'; '.join(problems)}). "
+            "Train the reward model from the SFT run folder so both read the same tokens."
+        )
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompts: list, max_length: int, what: str
+) -> list[list[int]]:
+    """Encoded prompts, skipping (and counting) those longer than `max_length` tokens."""
+    encoded = encode_prompts(tokenizer, prompts)
+    kept = [ids for ids in encoded if len(ids) <= max_length]
+    if len(kept) < len(encoded):
+        logger.warning(
+            "%s: skipped %d of %d prompts longer than max_prompt_length %d",
+            what,
+            len(encoded) - len(kept),
+            len(encoded),
+            max_length,
+        )
+    if not kept:
+        raise ConfigError(f"{what}: no prompt fits max_prompt_length {max_length}")
+    return kept
+
+
+def ptx_ids(tokenizer: PreTrainedTokenizerBase, path: str, max_length: int) -> list[list[int]]:
+    """Token ids of the PPO-ptx text (`text` rows), each ending in EOS and cut to `max_length`."""
+    texts, _ = load_source(path, "text")
+    ids = tokenizer(list(texts["text"]), add_special_tokens=False)["input_ids"]
+    return [(row + [tokenizer.eos_token_id])[:max_length] for row in ids if row]
+
+
+def save_policy(
+    trainer: PPOTrainer, output_dir: Path, tokenizer: PreTrainedTokenizerBase, sft_path: str
+) -> None:
+    """Write the policy adapter (recording the SFT run folder as its base) or the full policy model."""
+    policy = trainer.unwrapped.policy
+    if isinstance(policy, PeftModel):
+        policy.peft_config[POLICY].base_model_name_or_path = sft_path
+        policy.save_pretrained(str(output_dir), selected_adapters=[POLICY])
+    else:
+        policy.save_pretrained(str(output_dir))
+    tokenizer.save_pretrained(str(output_dir))
+
+
+def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
+    """Train the PPO policy and write its run folder; returns the folder."""
+    configure_logging(args)
+    set_seed(args.seed)
+    if not args.reward_model_path:
+        raise ConfigError("reward_model_path: set it to the reward stage's run folder")
+    sft_path = model_args.model_name_or_path
+    tokenizer = load_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
+    reward_tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.reward_model_path))
+    check_same_tokenizer(tokenizer, reward_tokenizer, args.reward_model_path)
+
+    train, eval_set = train_eval_sets(data_args, "prompts", seed=args.seed)
+    prompts = prompt_ids(tokenizer, list(train["prompt"]), args.max_prompt_length, "prompts")
+    eval_prompts = (
+        prompt_ids(tokenizer, list(eval_set["prompt"]), args.max_prompt_length, "eval prompts")
+        if eval_set is not None and args.eval_samples > 0
+        else []
+    )
+    ptx = ptx_ids(tokenizer, args.ptx_dataset, args.ptx_max_length) if args.ptx_coef > 0 else []
+
+    models = build_ppo_models(
+        model_args,
+        tokenizer,
+        args.reward_model_path,
+        shared_base=args.shared_base,
+        trust_remote_code=args.trust_remote_code,
+    )
+    logger.info("PPO models: %s", models.layout)
+    trainer = PPOTrainer(args, models, tokenizer, prompts, eval_prompts=eval_prompts, ptx_rows=ptx)
+    resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
+    metrics: dict[str, Any] = trainer.train(resume)
+    metrics["model_layout"] = models.layout
+
+    output_dir = Path(args.output_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        save_policy(trainer, output_dir, tokenizer, sft_path)
+        remove_pickled_files(output_dir)
+        state = {
+            "global_step": trainer.step,
+            "max_steps": trainer.num_steps,
+            "log_history": trainer.log_history,
+        }
+        (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        save_config(output_dir, args, data_args, model_args)
+        write_metrics(output_dir, metrics)
+        write_model_card(
+            output_dir,
+            stage="ppo",
+            base_model=adapter_base(sft_path) or sft_path,
+            is_adapter=(output_dir / "adapter_config.json").is_file(),
+            datasets=[source.path for source in data_sources(data_args)],
+            config=resolved_config(args, data_args, model_args),
+            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
+        )
+        logger.info("Wrote ppo run folder %s", output_dir)
+    trainer.accelerator.wait_for_everyone()
+    return output_dir
