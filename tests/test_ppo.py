@@ -461,3 +461,35 @@ def test_accelerate_launch_two_processes(sft_folder: Path, lora_reward: Path, da
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_end_prompts"] == 8  # the 8 eval prompts were split over the ranks
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_base_runs_ppo_on_one_shared_4bit_base(
+    sft_folder: Path, lora_reward: Path, data, tmp_path: Path
+) -> None:
+    """bitsandbytes NF4 runs on CPU: the 4-bit base carries policy, reference, reward and value."""
+    tokenizer = load_tokenizer(policy_args(sft_folder))
+    merged = tmp_path / "sft-merged"  # a 4-bit base cannot take a merged adapter: quantise a merged model
+    load_model(ModelArguments(model_name_or_path=str(sft_folder)), tokenizer).save_pretrained(merged)
+    tokenizer.save_pretrained(merged)
+    reward = tmp_path / "reward"
+    subprocess.run(["cp", "-r", str(lora_reward), str(reward)], check=True)
+    config = json.loads((reward / "adapter_config.json").read_text())
+    (reward / "adapter_config.json").write_text(
+        json.dumps({**config, "base_model_name_or_path": str(merged)})
+    )
+
+    args = ppo_args(tmp_path / "ppo", reward, total_episodes=16, eval_samples=0)
+    data_args = DataArguments(dataset_name=str(data["prompts"]), eval_fraction=0.0)
+    out = run_ppo(args, data_args, policy_args(merged, load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_layout"].startswith("one shared base")
+    assert metrics["ppo_steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_bf16_mixed_precision_on_cpu(sft_folder: Path, full_reward: Path, data, tmp_path: Path) -> None:
+    args = ppo_args(tmp_path / "ppo", full_reward, total_episodes=16, eval_samples=0, bf16=True)
+    data_args = DataArguments(dataset_name=str(data["prompts"]), eval_fraction=0.0)
+    out = run_ppo(args, data_args, policy_args(sft_folder))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in history if "step" in e] == [1, 2]
+    assert all(abs(e["objective/kl"]) < 10 for e in history if "step" in e)

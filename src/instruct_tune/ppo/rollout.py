@@ -120,21 +120,18 @@ def sample_responses(
     with fork, sampling_policy(policy, merge) as model:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
-        was_training = model.training
-        model.eval()
-        try:
-            out = model.generate(
-                input_ids=query,
-                attention_mask=query_mask,
-                do_sample=do_sample,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                use_cache=True,
-                **sample_kwargs,
-            )
-        finally:
-            model.train(was_training)
+        # The model stays in its mode: PPO models have every dropout off, and bitsandbytes repacks 4-bit
+        # weights for CPU inference on an eval-mode forward, after which they can no longer train.
+        out = model.generate(
+            input_ids=query,
+            attention_mask=query_mask,
+            do_sample=do_sample,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **sample_kwargs,
+        )
     response, mask, has_eos = truncate_after_eos(
         out[:, query.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
     )

@@ -124,7 +124,10 @@ class PPOTrainer:
         mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         trackers = [t for t in (args.report_to or []) if t not in ("none", "all")]
         self.accelerator = Accelerator(
-            cpu=args.use_cpu, mixed_precision=mixed, log_with=trackers or None, project_dir=str(self.output_dir)
+            cpu=args.use_cpu,
+            mixed_precision=mixed,
+            log_with=trackers or None,
+            project_dir=str(self.output_dir),
         )
         if trackers:
             self.accelerator.init_trackers("ppo")
@@ -140,6 +143,9 @@ class PPOTrainer:
         updates = self.num_steps * args.ppo_epochs * args.num_mini_batches
 
         trainable = models.trainable
+        # Train mode throughout (every dropout is off): bitsandbytes repacks 4-bit weights for CPU inference on
+        # the first eval-mode forward, after which they cannot train.
+        trainable.train()
         params = [p for p in trainable.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params,
