@@ -18,8 +18,9 @@ from huggingface_hub import ModelCard
 from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig, parse_args
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
 from instruct_tune.models.reward import NORMALIZATION_FILE, load_reward_model
+from instruct_tune.models.sampling import encode_prompts, left_pad
 from instruct_tune.ppo.models import POLICY, active_adapter, build_ppo_models
-from instruct_tune.ppo.rollout import encode_prompts, left_pad, sample_responses, sampling_policy
+from instruct_tune.ppo.rollout import sample_rollout, sampling_policy
 from instruct_tune.ppo.trainer import NonFiniteError
 from instruct_tune.stages.ppo import run_ppo
 from instruct_tune.stages.reward import run_reward
@@ -235,8 +236,10 @@ def test_sampling_merges_the_adapter_and_restores_the_base(sft_folder: Path, lor
         if name in base_before:
             assert torch.allclose(p, base_before[name], atol=1e-6), name
 
-    rollout = sample_responses(policy, tokenizer, ids, mask, max_new_tokens=12, generator_seed=0)
-    again = sample_responses(policy, tokenizer, ids, mask, max_new_tokens=12, generator_seed=0)
+    rollout = sample_rollout(
+        policy, tokenizer, ids, mask, max_new_tokens=12, temperature=1.0, generator_seed=0
+    )
+    again = sample_rollout(policy, tokenizer, ids, mask, max_new_tokens=12, temperature=1.0, generator_seed=0)
     assert torch.equal(rollout.response, again.response)  # fixed seed, same samples
     eos = tokenizer.eos_token_id
     for row, m in zip(rollout.response.tolist(), rollout.response_mask.tolist(), strict=True):

@@ -10,6 +10,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from instruct_tune.models.sampling import first_eos_mask, truncate_after_eos
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "entropy_from_logits",
+    "first_eos_mask",
+    "gae_advantages",
+    "kl_penalized_rewards",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "penalize_missing_eos",
+    "policy_loss",
+    "truncate_after_eos",
+    "value_loss",
+]
+
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of `values` where `mask` is 1 (over all elements, or along `dim`)."""
@@ -40,33 +59,6 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(values.dtype)
-
-
-def first_eos_mask(
-    responses: torch.Tensor, eos_token_id: int | list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask of the tokens up to and including each response's first EOS, and whether it has one.
-
-    A response without EOS keeps all its tokens (it was cut at `max_new_tokens`).
-    """
-    eos_ids = torch.as_tensor(eos_token_id, device=responses.device).reshape(-1)
-    is_eos = torch.isin(responses, eos_ids)
-    has_eos = is_eos.any(dim=1)
-    # Number of EOS strictly before each position: 0 means "still inside the response".
-    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
-    mask = (eos_before == 0).long()
-    return mask, has_eos
-
-
-def truncate_after_eos(
-    responses: torch.Tensor, eos_token_id: int | list[int], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Replace everything after each response's first EOS by padding.
-
-    Returns `(responses, mask, has_eos)` with `mask` as in :func:`first_eos_mask`.
-    """
-    mask, has_eos = first_eos_mask(responses, eos_token_id)
-    return responses.masked_fill(mask == 0, pad_token_id), mask, has_eos
 
 
 def penalize_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:

@@ -29,9 +29,10 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from instruct_tune.config import PPOStageConfig
 from instruct_tune.models.reward import pad_right
+from instruct_tune.models.sampling import Rollout, decode_responses, left_pad
 from instruct_tune.ppo import core
 from instruct_tune.ppo.models import PPOModels
-from instruct_tune.ppo.rollout import Rollout, decode_responses, left_pad, sample_responses
+from instruct_tune.ppo.rollout import sample_rollout
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class PPOTrainer:
         query, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         device = self.accelerator.device
         with self.accelerator.autocast():
-            return sample_responses(
+            return sample_rollout(
                 self.unwrapped.policy,
                 self.tokenizer,
                 query.to(device),

@@ -26,8 +26,8 @@ from instruct_tune.config import (
 )
 from instruct_tune.data import load_source
 from instruct_tune.models import adapter_base, load_tokenizer
+from instruct_tune.models.sampling import encode_prompts
 from instruct_tune.ppo.models import POLICY, build_ppo_models
-from instruct_tune.ppo.rollout import encode_prompts
 from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, train_eval_sets
 from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging
