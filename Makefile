@@ -3,6 +3,7 @@
 #   make sft                  SFT of the built-in tiny default -> outputs/$(RUN)/sft
 #   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
 #   make reward               reward model from outputs/$(RUN)/sft -> outputs/$(RUN)/reward
+#   make ppo                  PPO from outputs/$(RUN)/sft against outputs/$(RUN)/reward -> outputs/$(RUN)/ppo
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,9 +23,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: install test lint sft reward tiny clean-outputs help
+.PHONY: install test lint sft reward ppo tiny clean-outputs help
 help:
-	@sed -n '1,6p' Makefile
+	@sed -n '1,7p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,3 +51,8 @@ sft: install $(if $(filter recipes/configs/tiny,$(CONFIG)),tiny,)
 reward: install $(if $(wildcard $(OUT)/sft/adapter_config.json $(OUT)/sft/config.json),,sft)
 	$(LAUNCH) recipes/reward.py --config $(CONFIG)/reward.yaml --output_dir $(OUT)/reward \
 		--model_name_or_path $(OUT)/sft --policy_path $(OUT)/sft
+
+# PPO starts from the SFT run folder and optimises the reward model of the reward run folder.
+ppo: install $(if $(wildcard $(OUT)/reward/reward_normalization.json),,reward)
+	$(LAUNCH) recipes/ppo.py --config $(CONFIG)/ppo.yaml --output_dir $(OUT)/ppo \
+		--model_name_or_path $(OUT)/sft --reward_model_path $(OUT)/reward

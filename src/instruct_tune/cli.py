@@ -2,6 +2,7 @@
 
     instruct-tune sft --config recipes/configs/tiny/sft.yaml [--key value ...]
     instruct-tune reward --config recipes/configs/tiny/reward.yaml [--key value ...]
+    instruct-tune ppo --config recipes/configs/tiny/ppo.yaml [--key value ...]
     instruct-tune score outputs/tiny/reward --prompt "Add 2 and 3." --response "5"
     instruct-tune data check data/tiny/sft.jsonl --kind sft
     instruct-tune build-tiny [--out models/tiny-gpt2]
@@ -19,6 +20,7 @@ USAGE = """usage: instruct-tune <command> [options]
 commands:
   sft          supervised fine-tuning (same options as recipes/sft.py)
   reward       reward model on comparisons (same options as recipes/reward.py)
+  ppo          PPO against the reward model (same options as recipes/ppo.py)
   score        print the normalised reward of responses to a prompt: score RUN_FOLDER --prompt P --response R
   data check   detect the format of a dataset and list every problem row
   build-tiny   build the tiny pretrained model of the built-in default from data/tiny
@@ -40,6 +42,14 @@ def _reward(argv: Sequence[str]) -> int:
     from instruct_tune.stages.reward import run_reward
 
     run_reward(*parse_args(RewardStageConfig, DataArguments, ModelArguments, args=argv))
+    return 0
+
+
+def _ppo(argv: Sequence[str]) -> int:
+    from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, parse_args
+    from instruct_tune.stages.ppo import run_ppo
+
+    run_ppo(*parse_args(PPOStageConfig, DataArguments, ModelArguments, args=argv))
     return 0
 
 
@@ -83,6 +93,7 @@ def _build_tiny(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "sft": _sft,
     "reward": _reward,
+    "ppo": _ppo,
     "score": _score,
     "data": _data,
     "build-tiny": _build_tiny,
