@@ -15,14 +15,11 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, set_seed
 
-from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
 from instruct_tune.config import (
     ConfigError,
     DataArguments,
     ModelArguments,
     PPOStageConfig,
-    resolved_config,
-    save_config,
 )
 from instruct_tune.data import load_source
 from instruct_tune.models import adapter_base, load_tokenizer
@@ -30,7 +27,7 @@ from instruct_tune.models.sampling import encode_prompts
 from instruct_tune.ppo.models import POLICY, build_ppo_models
 from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, train_eval_sets
-from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging
+from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging, write_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -129,25 +126,20 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
         save_policy(trainer, output_dir, tokenizer, sft_path)
-        remove_pickled_files(output_dir)
         state = {
             "global_step": trainer.step,
             "max_steps": trainer.num_steps,
             "log_history": trainer.log_history,
         }
         (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        save_config(output_dir, args, data_args, model_args)
-        write_metrics(output_dir, metrics)
-        write_model_card(
+        write_run_folder(
             output_dir,
             stage="ppo",
+            configs=(args, data_args, model_args),
             base_model=adapter_base(sft_path) or sft_path,
-            is_adapter=(output_dir / "adapter_config.json").is_file(),
             datasets=[source.path for source in data_sources(data_args)],
-            config=resolved_config(args, data_args, model_args),
-            metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+            metrics=metrics,
             lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
         )
-        logger.info("Wrote ppo run folder %s", output_dir)
     trainer.accelerator.wait_for_everyone()
     return output_dir

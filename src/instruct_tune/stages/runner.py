@@ -1,4 +1,4 @@
-"""What every training stage does around its trainer: find a checkpoint to resume, write the run folder."""
+"""What every training stage does around its trainer: resume from a checkpoint, train, write the run folder."""
 
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None) ->
     """
     if resume_from_checkpoint and resume_from_checkpoint.lower() not in ("true", "last"):
         if not Path(resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder")
+            raise FileNotFoundError(
+                f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder"
+            )
         return resume_from_checkpoint
     last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
     if resume_from_checkpoint and last is None:
@@ -42,6 +44,42 @@ def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None) ->
     if last is not None:
         logger.info("Resuming from %s", last)
     return last
+
+
+def run_training(trainer: Trainer) -> dict[str, Any]:
+    """Train, continuing from the checkpoint `checkpoint_to_resume` picks; returns the training metrics."""
+    args = trainer.args
+    resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
+    return dict(trainer.train(resume_from_checkpoint=resume).metrics)
+
+
+def write_run_folder(
+    output_dir: str | Path,
+    *,
+    stage: str,
+    configs: Sequence[Any],
+    base_model: str,
+    datasets: Sequence[str],
+    metrics: Mapping[str, Any],
+    lineage: Mapping[str, str] | None = None,
+) -> Path:
+    """Write `config.yaml`, `metrics.json` and the model card beside a saved model; drop pickled files."""
+    output_dir = Path(output_dir)
+    remove_pickled_files(output_dir)
+    save_config(output_dir, *configs)
+    write_metrics(output_dir, metrics)
+    write_model_card(
+        output_dir,
+        stage=stage,
+        base_model=base_model,
+        is_adapter=(output_dir / "adapter_config.json").is_file(),
+        datasets=datasets,
+        config=resolved_config(*configs),
+        metrics=metrics,
+        lineage=lineage,
+    )
+    logger.info("Wrote %s run folder %s", stage, output_dir)
+    return output_dir
 
 
 def finish_run(
@@ -59,19 +97,13 @@ def finish_run(
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return output_dir
-    remove_pickled_files(output_dir)
     trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    save_config(output_dir, *configs)
-    write_metrics(output_dir, metrics)
-    write_model_card(
+    return write_run_folder(
         output_dir,
         stage=stage,
+        configs=configs,
         base_model=base_model,
-        is_adapter=(output_dir / "adapter_config.json").is_file(),
         datasets=datasets,
-        config=resolved_config(*configs),
         metrics=metrics,
         lineage=lineage,
     )
-    logger.info("Wrote %s run folder %s", stage, output_dir)
-    return output_dir
