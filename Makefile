@@ -4,6 +4,7 @@
 #   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
 #   make reward               reward model from outputs/$(RUN)/sft -> outputs/$(RUN)/reward
 #   make ppo                  PPO from outputs/$(RUN)/sft against outputs/$(RUN)/reward -> outputs/$(RUN)/ppo
+#   make eval                 outputs/$(RUN)/ppo vs outputs/$(RUN)/sft on held-out prompts -> outputs/$(RUN)/eval
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -23,9 +24,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: install test lint sft reward ppo tiny clean-outputs help
+.PHONY: install test lint sft reward ppo eval tiny clean-outputs help
 help:
-	@sed -n '1,7p' Makefile
+	@sed -n '1,8p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -56,3 +57,8 @@ reward: install $(if $(wildcard $(OUT)/sft/adapter_config.json $(OUT)/sft/config
 ppo: install $(if $(wildcard $(OUT)/reward/reward_normalization.json),,reward)
 	$(LAUNCH) recipes/ppo.py --config $(CONFIG)/ppo.yaml --output_dir $(OUT)/ppo \
 		--model_name_or_path $(OUT)/sft --reward_model_path $(OUT)/reward
+
+# Evaluation: the PPO policy against its SFT start, judged by the reward model and (tiny task) the gold judge.
+eval: install $(if $(wildcard $(OUT)/ppo/trainer_state.json),,ppo)
+	$(LAUNCH) recipes/eval.py --config $(CONFIG)/eval.yaml --output_dir $(OUT)/eval \
+		--sft_path $(OUT)/sft --policy_paths $(OUT)/ppo --reward_model_path $(OUT)/reward

@@ -3,6 +3,7 @@
     instruct-tune sft --config recipes/configs/tiny/sft.yaml [--key value ...]
     instruct-tune reward --config recipes/configs/tiny/reward.yaml [--key value ...]
     instruct-tune ppo --config recipes/configs/tiny/ppo.yaml [--key value ...]
+    instruct-tune eval --config recipes/configs/tiny/eval.yaml [--key value ...]
     instruct-tune score outputs/tiny/reward --prompt "Add 2 and 3." --response "5"
     instruct-tune data check data/tiny/sft.jsonl --kind sft
     instruct-tune build-tiny [--out models/tiny-gpt2]
@@ -21,6 +22,7 @@ commands:
   sft          supervised fine-tuning (same options as recipes/sft.py)
   reward       reward model on comparisons (same options as recipes/reward.py)
   ppo          PPO against the reward model (same options as recipes/ppo.py)
+  eval         policies vs SFT on held-out prompts: win rates, reward, KL, plots (same options as recipes/eval.py)
   score        print the normalised reward of responses to a prompt: score RUN_FOLDER --prompt P --response R
   data check   detect the format of a dataset and list every problem row
   build-tiny   build the tiny pretrained model of the built-in default from data/tiny
@@ -50,6 +52,14 @@ def _ppo(argv: Sequence[str]) -> int:
     from instruct_tune.stages.ppo import run_ppo
 
     run_ppo(*parse_args(PPOStageConfig, DataArguments, ModelArguments, args=argv))
+    return 0
+
+
+def _eval(argv: Sequence[str]) -> int:
+    from instruct_tune.config import EvalStageConfig, parse_args
+    from instruct_tune.stages.eval import run_eval
+
+    run_eval(*parse_args(EvalStageConfig, args=argv))
     return 0
 
 
@@ -94,6 +104,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "sft": _sft,
     "reward": _reward,
     "ppo": _ppo,
+    "eval": _eval,
     "score": _score,
     "data": _data,
     "build-tiny": _build_tiny,

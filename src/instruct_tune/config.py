@@ -243,6 +243,13 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
     whiten_rewards: bool = field(default=False, metadata={"help": "Scale per-token rewards to unit variance."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over each batch."})
     reward_clip: float | None = field(default=None, metadata={"help": "Clip scores to [-x, x] (null: off)."})
+    scale_scores: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide scores by the reward model's std on its reference responses (lm-human-preferences' "
+            "gain), so kl_coef, missing_eos_penalty and cliprange_value act on a unit scale."
+        },
+    )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with checkpoints."})
     ptx_coef: float = field(
         default=0.0, metadata={"help": "PPO-ptx gamma: weight of the LM loss on `ptx_dataset` (0: plain PPO)."}
@@ -279,6 +286,71 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
             raise ConfigError("ptx_coef > 0 needs `ptx_dataset` (pretraining or SFT text)")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"target_kl: {self.target_kl} must be > 0 (null for a fixed beta)")
+
+
+@dataclass
+class EvalStageConfig:
+    """Options of the evaluation stage: policies against their SFT start on held-out prompts.
+
+    Every policy answers every prompt once with the same decoding and seeds (sampled at `temperature`, and
+    greedy when `greedy`); the reward model and, where the task has one, the gold judge compare each answer
+    with the SFT policy's (ties half). See `instruct_tune.stages.eval` for the metrics.
+    """
+
+    output_dir: str = field(default="outputs/tiny/eval", metadata={"help": "Where metrics, tables and plots go."})
+    sft_path: str | None = field(
+        default=None, metadata={"help": "SFT run folder (or checkpoint): the baseline and the KL reference."}
+    )
+    policy_paths: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Policy run folders to evaluate (PPO, PPO-ptx...); the first gives the headline keys."},
+    )
+    policy_names: list[str] | None = field(
+        default=None, metadata={"help": "A label per policy (default: each folder's name)."}
+    )
+    reward_model_path: str | None = field(
+        default=None, metadata={"help": "Reward stage run folder (scores are normalised)."}
+    )
+    dataset_name: str = field(
+        default="data/tiny/heldout_prompts.jsonl",
+        metadata={"help": "Held-out prompts: any prompt-bearing file, folder or Hub dataset id."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to read from `dataset_name`."})
+    max_samples: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    ptx_eval_dataset: str | None = field(
+        default=None,
+        metadata={"help": "Held-out plain text (`text` rows) for the perplexity of each policy (null: skip)."},
+    )
+    ptx_eval_rows: int | None = field(
+        default=None, metadata={"help": "Use only the last N rows of `ptx_eval_dataset` (null: all)."}
+    )
+    ptx_eval_max_length: int = field(default=128, metadata={"help": "Perplexity texts are cut to this many tokens."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Longest response generated."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature (the PPO training one); the KL uses it too."}
+    )
+    greedy: bool = field(default=True, metadata={"help": "Also answer greedily and report it beside sampling."})
+    batch_size: int = field(default=64, metadata={"help": "Prompts (or texts) per forward or generate call."})
+    seed: int = field(default=42, metadata={"help": "Sampling seed: batch i is sampled with seed + i x batch_size."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code shipped with checkpoints."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy_paths, str):
+            self.policy_paths = [self.policy_paths]
+        if isinstance(self.policy_names, str):
+            self.policy_names = [self.policy_names]
+        if self.policy_names is not None and len(self.policy_names) != len(self.policy_paths):
+            raise ConfigError(
+                f"policy_names: {len(self.policy_names)} names for {len(self.policy_paths)} policy_paths"
+            )
+        for name in ("max_new_tokens", "batch_size", "ptx_eval_max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in ("max_samples", "ptx_eval_rows"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1 (null: all)")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: {self.temperature} must be > 0 (`greedy` adds greedy decoding)")
 
 
 def _known_fields(dataclass_types: Iterable[type]) -> set[str]:
