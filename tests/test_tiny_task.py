@@ -198,7 +198,7 @@ def test_build_tiny_data_deterministic_and_counts(tmp_path) -> None:
     counts = build_tiny_data(tmp_path / "a", **kw)
     build_tiny_data(tmp_path / "b", **kw)
     expected = {
-        "sft.jsonl": 200, "sft_eval.jsonl": 40, "comparisons.jsonl": 80, "comparisons_eval.jsonl": 20,
+        "sft.jsonl": 200, "sft_eval.jsonl": 40, "comparisons.jsonl": 80 + 40 + 20, "comparisons_eval.jsonl": 20,
         "prompts.jsonl": 60, "heldout_prompts.jsonl": 40, "pretrain.jsonl": 50,
     }  # fmt: skip
     assert counts == expected and set(FILES) == set(expected)
@@ -209,6 +209,12 @@ def test_build_tiny_data_deterministic_and_counts(tmp_path) -> None:
         assert len(a.splitlines()) == n
     other = build_tiny_data(tmp_path / "c", **{**kw, "seed": 4})
     assert other == counts
+    plain = build_tiny_data(tmp_path / "e", **kw, extra_comparisons={})  # the extra rows change no other file
+    assert plain["comparisons.jsonl"] == 80
+    balanced = (tmp_path / "e" / "comparisons.jsonl").read_bytes()
+    assert (tmp_path / "a" / "comparisons.jsonl").read_bytes().startswith(balanced)
+    for name in set(FILES) - {"comparisons.jsonl"}:
+        assert (tmp_path / "e" / name).read_bytes() == (tmp_path / "a" / name).read_bytes(), name
     assert (tmp_path / "c" / "sft.jsonl").read_bytes() != (tmp_path / "a" / "sft.jsonl").read_bytes()
 
     d = tmp_path / "a"
@@ -218,7 +224,10 @@ def test_build_tiny_data_deterministic_and_counts(tmp_path) -> None:
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in sft)
     sft_eval = _read(d / "sft_eval.jsonl")
     assert not {r["messages"][0]["content"] for r in sft_eval} & {r["messages"][0]["content"] for r in sft}
-    comps = _read(d / "comparisons.jsonl") + _read(d / "comparisons_eval.jsonl")
+    train_comps = _read(d / "comparisons.jsonl")  # 80 balanced rows, then the extra add and reverse rows
+    assert [r["task"] for r in train_comps[:8]] == list(FAMILIES) * 2
+    assert [r["task"] for r in train_comps[80:]] == ["add"] * 40 + ["reverse"] * 20
+    comps = train_comps + _read(d / "comparisons_eval.jsonl")
     for r in comps:
         scores = [gold_score(r["prompt"], x) for x in r["responses"]]
         assert len(r["responses"]) == 4 and sorted(r["ranking"]) == [0, 1, 2, 3]

@@ -137,3 +137,12 @@ tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
     path = output_dir / CARD_FILE
     card.save(path)
     return path
+
+
+def append_to_card(output_dir: str | Path, title: str, body: str) -> Path:
+    """Add a `## title` section to the run folder's model card."""
+    path = Path(output_dir) / CARD_FILE
+    card = ModelCard.load(path)
+    card.text = card.text.rstrip() + f"\n\n## {title}\n{body}\n"
+    card.save(path)
+    return path

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 from datasets import Dataset
 
 from instruct_tune.config import DataArguments
@@ -62,3 +65,13 @@ def train_eval_sets(data_args: DataArguments, kind: Kind, *, seed: int) -> tuple
     train = _first(train, data_args.max_train_samples)
     eval_set = _first(eval_set, data_args.max_eval_samples) if eval_set is not None else None
     return train, eval_set
+
+
+def task_tags(tasks: Iterable[Any]) -> list[str]:
+    """The distinct task tags of an eval set (its `task` column), sorted; none unless there are several.
+
+    Stages report per-task metrics (`eval_<task>_...`) for these, so that a regression in one task is not
+    averaged away.
+    """
+    names = sorted({task for task in tasks if task is not None})
+    return names if len(names) > 1 else []

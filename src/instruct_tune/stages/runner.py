@@ -12,6 +12,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
 from instruct_tune.config import resolved_config, save_config
+from instruct_tune.models.loading import adapter_chain
 
 logger = logging.getLogger(__name__)
 
@@ -87,23 +88,27 @@ def finish_run(
     *,
     stage: str,
     configs: Sequence[Any],
-    base_model: str,
+    source: str,
     datasets: Sequence[str],
     metrics: Mapping[str, Any],
-    lineage: Mapping[str, str] | None = None,
 ) -> Path:
-    """Save model/adapter, tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` and the model card."""
+    """Save model/adapter, tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` and the model card.
+
+    `source` is the model the stage started from: the card names its root checkpoint as `base_model` and,
+    when it is an earlier stage's adapter folder, records it as the lineage.
+    """
     output_dir = Path(trainer.args.output_dir)
     trainer.save_model(str(output_dir))
     if not trainer.is_world_process_zero():
         return output_dir
     trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+    root, adapters = adapter_chain(source)
     return write_run_folder(
         output_dir,
         stage=stage,
         configs=configs,
-        base_model=base_model,
+        base_model=root,
         datasets=datasets,
         metrics=metrics,
-        lineage=lineage,
+        lineage={"initialised from": source} if adapters else {},
     )

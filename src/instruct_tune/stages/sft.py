@@ -18,9 +18,9 @@ from transformers import set_seed
 from trl import SFTTrainer
 
 from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
-from instruct_tune.models import adapter_base, load_model, load_tokenizer
-from instruct_tune.stages.data_sources import data_sources, train_eval_sets
-from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging, finish_run
+from instruct_tune.models import load_model, load_tokenizer
+from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
+from instruct_tune.stages.runner import configure_logging, finish_run, run_training
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +43,7 @@ def sft_datasets(data_args: DataArguments, *, seed: int, completion_only: bool) 
 
 def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
     """Eval loss of each task tag (`eval_<task>_loss`), so a regression in one task is not averaged away."""
-    if "task" not in eval_set.column_names:
-        return {}
-    tasks = sorted(set(eval_set["task"]))
-    if len(tasks) < 2:
-        return {}
+    tasks = task_tags(eval_set["task"]) if "task" in eval_set.column_names else []
     metrics: dict[str, float] = {}
     for task in tasks:
         subset = eval_set.filter(lambda row, t=task: row["task"] == t)
@@ -76,22 +72,17 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
-    resume = checkpoint_to_resume(training_args.output_dir, training_args.resume_from_checkpoint)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = dict(result.metrics)
+    metrics = run_training(trainer)
     if eval_set is not None:
         metrics.update(trainer.evaluate())
         if data_args.per_task_metrics:
             metrics.update(per_task_eval(trainer, eval_set))
     trainer.log_metrics("all", metrics)
-    base_model = adapter_base(model_args.model_name_or_path) or model_args.model_name_or_path
-    lineage = {"initialised from": model_args.model_name_or_path} if adapter_base(model_args.model_name_or_path) else {}
     return finish_run(
         trainer,
         stage="sft",
         configs=(training_args, data_args, model_args),
-        base_model=base_model,
+        source=model_args.model_name_or_path,
         datasets=[source.path for source in data_sources(data_args)],
         metrics=metrics,
-        lineage=lineage,
     )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from instruct_tune.tiny.task import (
@@ -24,7 +24,7 @@ from instruct_tune.tiny.task import (
     sample_task,
 )
 
-__all__ = ["FILES", "build_tiny_data", "imperfect_shares", "main", "make_pretrain_text"]
+__all__ = ["EXTRA_COMPARISONS", "FILES", "build_tiny_data", "imperfect_shares", "main", "make_pretrain_text"]
 
 FILES: tuple[str, ...] = (
     "sft.jsonl",
@@ -36,6 +36,12 @@ FILES: tuple[str, ...] = (
     "pretrain.jsonl",
 )
 K = 4  # responses per comparison row
+# Training comparisons added after the balanced ones, per family, as a share of `n_comparisons`: the families
+# whose rankings the reward model learns slowest. Measured on the tiny default (reward model of the SFT run
+# folder, 3 epochs): adding only add comparisons, 2000 -> 6000 add prompts raised eval accuracy on add from
+# 0.82 to 0.90; reverse alone, 2000 -> 6000 prompts, from 0.87 to 0.96. Rows of add are the cheapest to train
+# (23 tokens a prompt with its 4 responses, against 51 for reverse and 54 for sort).
+EXTRA_COMPARISONS: dict[str, float] = {"add": 0.5, "reverse": 0.25}
 _MAX_PRETRAIN_CHARS = 160
 
 
@@ -87,11 +93,16 @@ def _unique_tasks(
     return out
 
 
-def _tasks(rng: random.Random, n: int, exclude: Callable[[Task], bool] | None = None) -> list[Task]:
-    """``n`` train-split tasks, families round-robin, skipping those ``exclude`` rejects."""
+def _tasks(
+    rng: random.Random,
+    n: int,
+    exclude: Callable[[Task], bool] | None = None,
+    families: tuple[str, ...] = FAMILIES,
+) -> list[Task]:
+    """``n`` train-split tasks, ``families`` round-robin, skipping those ``exclude`` rejects."""
     out: list[Task] = []
     for i in range(n):
-        family = FAMILIES[i % len(FAMILIES)]
+        family = families[i % len(families)]
         task = sample_task(rng, family, "train")
         while exclude is not None and exclude(task):
             task = sample_task(rng, family, "train")
@@ -192,12 +203,16 @@ def build_tiny_data(
     n_heldout: int = 400,
     n_pretrain: int = 30000,
     n_comparisons_eval: int = 500,
+    extra_comparisons: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Write the tiny data set to ``out_dir`` (same seed -> byte-identical files); return rows per file.
 
-    Families are balanced (round-robin). Instruction files use train-split tasks except
-    heldout_prompts.jsonl (unique held-out tasks). sft_eval prompts never occur in sft.jsonl, and
-    comparisons_eval tasks (by key) never occur in comparisons.jsonl.
+    Families are balanced (round-robin), except that comparisons.jsonl continues its ``n_comparisons``
+    balanced rows with ``round(share * n_comparisons)`` more rows of each family in ``extra_comparisons``
+    (default :data:`EXTRA_COMPARISONS`; ``{}`` for none), drawn from their own random stream so the other rows
+    and files do not depend on them. Instruction files use train-split tasks except heldout_prompts.jsonl
+    (unique held-out tasks). sft_eval prompts never occur in sft.jsonl, and comparisons_eval tasks (by key)
+    never occur in comparisons.jsonl.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,9 +237,14 @@ def build_tiny_data(
     counts["comparisons_eval.jsonl"] = _write_jsonl(
         out_dir / "comparisons_eval.jsonl", (_comparison_row(t, demo, rng) for t in ceval_tasks)
     )
-    counts["comparisons.jsonl"] = _write_jsonl(
-        out_dir / "comparisons.jsonl", (_comparison_row(t, demo, rng) for t in comp_tasks)
-    )
+    comp_rows = [_comparison_row(t, demo, rng) for t in comp_tasks]
+    rng = _rng(seed, "comparisons-extra")
+    for family, share in (EXTRA_COMPARISONS if extra_comparisons is None else extra_comparisons).items():
+        if family not in FAMILIES:
+            raise ValueError(f"extra_comparisons: unknown family {family!r}")
+        extra = _tasks(rng, round(share * n_comparisons), lambda t: t.key in ceval_keys, (family,))
+        comp_rows += [_comparison_row(t, demo, rng) for t in extra]
+    counts["comparisons.jsonl"] = _write_jsonl(out_dir / "comparisons.jsonl", comp_rows)
 
     rng = _rng(seed, "prompts")
     counts["prompts.jsonl"] = _write_jsonl(
@@ -270,7 +290,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-prompts", type=int, default=8000)
     ap.add_argument("--n-heldout", type=int, default=400)
     ap.add_argument("--n-pretrain", type=int, default=30000)
+    ap.add_argument(
+        "--extra-comparisons",
+        default=",".join(f"{family}={share}" for family, share in EXTRA_COMPARISONS.items()),
+        help="family=share,...: extra comparison rows per family, as a share of --n-comparisons ('' for none)",
+    )
     args = ap.parse_args(argv)
+    extra = dict(item.split("=") for item in args.extra_comparisons.split(",") if item)
     counts = build_tiny_data(
         args.out,
         seed=args.seed,
@@ -281,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
         n_heldout=args.n_heldout,
         n_pretrain=args.n_pretrain,
         n_comparisons_eval=args.n_comparisons_eval,
+        extra_comparisons={family: float(share) for family, share in extra.items()},
     )
     total_bytes = 0
     for name, n in counts.items():
