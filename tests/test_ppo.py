@@ -182,6 +182,9 @@ def test_one_shared_base_serves_all_four_models(sft_folder: Path, lora_reward: P
     assert torch.allclose(shared.ref_logits(ids, mask), separate.ref_logits(ids, mask), atol=1e-4)
     assert torch.allclose(shared.scores(ids, mask, last), separate.scores(ids, mask, last), atol=1e-4)
     assert torch.allclose(shared.trainable.values(ids, mask), separate.trainable.values(ids, mask), atol=1e-4)
+    # The reference responses' std of the reward normalisation is kept for `scale_scores`.
+    record = json.loads((lora_reward / NORMALIZATION_FILE).read_text())
+    assert shared.reward_std == pytest.approx(record["std"]) and shared.reward_bias == pytest.approx(record["bias"])
     # The LoRA policy starts equal to the reference (B = 0).
     assert torch.allclose(shared.trainable.logits(ids, mask), shared.ref_logits(ids, mask), atol=1e-5)
 

@@ -187,6 +187,7 @@ class PPOModels:
         reward_head: nn.Linear,
         reward_adapter: str | None,
         reward_bias: float,
+        reward_std: float | None = None,
         layout: str,
     ) -> None:
         self.trainable = trainable
@@ -195,6 +196,7 @@ class PPOModels:
         self.reward_head = reward_head
         self.reward_adapter = reward_adapter
         self.reward_bias = reward_bias
+        self.reward_std = reward_std  # the reference responses' std, from the reward normalisation
         self.layout = layout
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -297,6 +299,7 @@ def build_ppo_models(
     if normalization is None:
         logger.warning("%s has no reward normalisation: raw scores are used", reward_path)
     bias = float(normalization["bias"]) if normalization else 0.0
+    std = float(normalization["std"]) if normalization and normalization.get("std") else None
     reward_args = ModelArguments(
         model_name_or_path=reward_path,
         dtype=model_args.dtype,
@@ -324,6 +327,7 @@ def build_ppo_models(
             reward_head=head.requires_grad_(False),
             reward_adapter=REWARD,
             reward_bias=bias,
+            reward_std=std,
             layout="one shared base: policy, reference, reward and value adapters",
         )
 
@@ -346,6 +350,7 @@ def build_ppo_models(
             reward_head=reward_head,
             reward_adapter="off",
             reward_bias=bias,
+            reward_std=std,
             layout="two bases: policy/reference (SFT) and value/reward (reward model)",
         )
 
@@ -365,5 +370,6 @@ def build_ppo_models(
         reward_head=reward_head,
         reward_adapter=None,
         reward_bias=bias,
+        reward_std=std,
         layout="four models: policy, reference, reward, value",
     )

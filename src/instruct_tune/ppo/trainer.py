@@ -239,12 +239,21 @@ class PPOTrainer:
             parts["scores"].append(scores.float())
         return {k: torch.cat(v) for k, v in parts.items()}
 
+    def _scaled(self, scores: torch.Tensor) -> torch.Tensor:
+        std = self.models.reward_std
+        if not self.args.scale_scores:
+            return scores
+        if not std:
+            raise ValueError("scale_scores: the reward model's normalisation records no std")
+        return scores / std
+
     def score_rollout(self, rollout: Rollout) -> tuple[ScoredBatch, torch.Tensor]:
         """Rewards, advantages and returns of a rollout; also returns the per-token entropy."""
         args = self.args
         out = self._forward_scores(rollout)
         mask = rollout.response_mask
-        scores = core.penalize_missing_eos(out["scores"], rollout.has_eos, args.missing_eos_penalty)
+        scores = self._scaled(out["scores"])
+        scores = core.penalize_missing_eos(scores, rollout.has_eos, args.missing_eos_penalty)
         if args.reward_clip:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
         check_finite(self.step, scores=scores, logprobs=out["logprobs"], values=out["values"])
@@ -375,7 +384,9 @@ class PPOTrainer:
             rollout = self._sample(mine[start : start + chunk], seed=self.args.seed + 7919 * start + rank)
             out = self._forward_scores(rollout)
             kl = ((out["logprobs"] - out["ref_logprobs"]) * rollout.response_mask).sum(1)
-            scores = core.penalize_missing_eos(out["scores"], rollout.has_eos, self.args.missing_eos_penalty)
+            scores = core.penalize_missing_eos(
+                self._scaled(out["scores"]), rollout.has_eos, self.args.missing_eos_penalty
+            )
             sums += torch.stack(
                 [
                     scores.sum(),
