@@ -1,4 +1,5 @@
 # instruct-tune: `make rlhf`-style entry points. Every target installs what is missing into .venv first.
+#   make rlhf                 sft -> reward -> ppo -> eval on the tiny default (finished stages are kept)
 #   make test                 run the test suite (what CI runs)
 #   make sft                  SFT of the built-in tiny default -> outputs/$(RUN)/sft
 #   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
@@ -24,9 +25,9 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
 TORCH_INDEX ?=
 
-.PHONY: install test lint sft reward ppo eval tiny clean-outputs help
+.PHONY: rlhf install test lint sft reward ppo eval tiny clean-outputs help
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,3 +63,7 @@ ppo: install $(if $(wildcard $(OUT)/reward/reward_normalization.json),,reward)
 eval: install $(if $(wildcard $(OUT)/ppo/trainer_state.json),,ppo)
 	$(LAUNCH) recipes/eval.py --config $(CONFIG)/eval.yaml --output_dir $(OUT)/eval \
 		--sft_path $(OUT)/sft --policy_paths $(OUT)/ppo --reward_model_path $(OUT)/reward
+
+# The whole pipeline: each stage runs only when its run folder is missing (delete a folder to redo it).
+rlhf: eval
+	@cat $(OUT)/eval/results.md
