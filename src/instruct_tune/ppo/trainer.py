@@ -545,7 +545,6 @@ class PPOTrainer:
             if args.save_steps and self.step % int(args.save_steps) == 0 and self.step < self.num_steps:
                 self.save_checkpoint()
         bar.close()
-        self.accelerator.end_training()
         runtime = time.perf_counter() - started
         last = self.log_history[-1] if self.log_history else {}
         metrics.update({k: v for k, v in last.items() if "/" in k or k in ("kl_coef", "episodes")})

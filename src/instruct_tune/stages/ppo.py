@@ -142,4 +142,5 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
             lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
         )
     trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # closes the trackers (and the process group): nothing may follow
     return output_dir
