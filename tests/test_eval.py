@@ -9,7 +9,6 @@ from pathlib import Path
 
 import evaluate
 import pytest
-import torch
 from PIL import Image
 
 from instruct_tune.cli import main as cli_main
@@ -22,7 +21,6 @@ from instruct_tune.config import (
     parse_args,
 )
 from instruct_tune.metrics import METRIC_NAMES, load_metric, metric_path
-from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.eval import has_gold_judge, run_eval
 from instruct_tune.stages.reward import run_reward
 
@@ -78,19 +76,9 @@ def reward_folder(tiny_model_dir: Path, data_files: dict[str, Path], tmp_path_fa
 
 
 @pytest.fixture(scope="module")
-def ppo_folder(tiny_model_dir: Path, tmp_path_factory) -> Path:
+def ppo_folder(make_adapter_folder) -> Path:
     """A "PPO policy": a LoRA adapter with random B weights over the tiny model, with a PPO training log."""
-    args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    out = tmp_path_factory.mktemp("ppo") / "ppo"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    out = make_adapter_folder("ppo", seed=5, std=0.05)
     log = [{"eval_start_reward": 0.1}] + [
         {"objective/scores": 0.1 * step, "objective/kl": 0.02 * step, "step": step} for step in range(1, 6)
     ]

@@ -504,20 +504,9 @@ def test_dropout_is_kept_when_not_disabled(dropout_model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def adapter_dir(make_adapter_folder) -> Path:
     """A run-folder-like LoRA adapter over the tiny model, with non-zero (as if trained) LoRA weights."""
-    args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.2)
-    out = tmp_path_factory.mktemp("adapter") / "sft"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return make_adapter_folder("adapter", seed=2, std=0.2)
 
 
 def _logits(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:

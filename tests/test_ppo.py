@@ -50,23 +50,6 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="module")
-def sft_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run-folder-like SFT LoRA adapter (non-zero, as if trained) with its tokenizer."""
-    args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    out = tmp_path_factory.mktemp("sft") / "sft"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
 def _reward_run(out: Path, sft_folder: Path, data: dict[str, Path], use_peft: bool) -> Path:
     args = RewardStageConfig(
         output_dir=str(out),
@@ -184,7 +167,9 @@ def test_one_shared_base_serves_all_four_models(sft_folder: Path, lora_reward: P
     assert torch.allclose(shared.trainable.values(ids, mask), separate.trainable.values(ids, mask), atol=1e-4)
     # The reference responses' std of the reward normalisation is kept for `scale_scores`.
     record = json.loads((lora_reward / NORMALIZATION_FILE).read_text())
-    assert shared.reward_std == pytest.approx(record["std"]) and shared.reward_bias == pytest.approx(record["bias"])
+    assert shared.reward_std == pytest.approx(record["std"]) and shared.reward_bias == pytest.approx(
+        record["bias"]
+    )
     # The LoRA policy starts equal to the reference (B = 0).
     assert torch.allclose(shared.trainable.logits(ids, mask), shared.ref_logits(ids, mask), atol=1e-5)
 

@@ -103,23 +103,6 @@ def comparisons(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def sft_folder(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A run-folder-like SFT LoRA adapter (non-zero, as if trained) with its tokenizer."""
-    args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8)
-    tokenizer = load_tokenizer(args)
-    model = load_model(args, tokenizer)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    out = tmp_path_factory.mktemp("sft") / "sft"
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path):
     return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir)))
 

@@ -6,9 +6,10 @@ labelling and evaluation. Prompts are left padded so every response starts at th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,7 +142,7 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> li
     return tokenizer.batch_decode(rollout.response, skip_special_tokens=True)
 
 
-def sample_texts(
+def sample_batches(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Sequence[dict]],
@@ -151,15 +152,13 @@ def sample_texts(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-) -> tuple[list[str], list[bool]]:
-    """Sample one response per chat prompt, in batches; returns the texts and whether each ended with EOS."""
+) -> Iterator[Rollout]:
+    """Sample one response per chat prompt, `batch_size` prompts at a time, each batch seeded `seed + first row`."""
     device = next(model.parameters()).device
     ids = encode_prompts(tokenizer, prompts)
-    texts: list[str] = []
-    ended: list[bool] = []
     for start in range(0, len(ids), batch_size):
         query, mask = left_pad(ids[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = sample_responses(
+        yield sample_responses(
             model,
             tokenizer,
             query.to(device),
@@ -169,6 +168,19 @@ def sample_texts(
             top_p=top_p,
             generator_seed=seed + start,
         )
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Sequence[dict]],
+    **sampling: Any,
+) -> tuple[list[str], list[bool]]:
+    """Sample one response per chat prompt (options of `sample_batches`); returns the texts and whether each
+    ended with EOS."""
+    texts: list[str] = []
+    ended: list[bool] = []
+    for rollout in sample_batches(model, tokenizer, prompts, **sampling):
         texts.extend(decode_responses(tokenizer, rollout))
         ended.extend(rollout.has_eos.tolist())
     return texts, ended

@@ -45,7 +45,7 @@ from instruct_tune.config import ConfigError, EvalStageConfig, ModelArguments, s
 from instruct_tune.data import load_source
 from instruct_tune.metrics import load_metric
 from instruct_tune.models import load_model, load_tokenizer
-from instruct_tune.models.sampling import decode_responses, encode_prompts, left_pad, sample_responses
+from instruct_tune.models.sampling import decode_responses, sample_batches
 from instruct_tune.ppo.core import logprobs_from_logits
 from instruct_tune.ppo.models import lm_logits
 from instruct_tune.tiny import task as tiny_task
@@ -176,20 +176,17 @@ def generate(
     With `reference` (the SFT model), also the KL of each response: sum over its tokens (EOS included) of
     log pi(y_t) - log pi_ref(y_t), both at `temperature`, on the policy's own sample.
     """
-    device = next(model.parameters()).device
-    ids = encode_prompts(tokenizer, prompts)
     answers = Answers(kl=[] if reference is not None else None)
-    for start in range(0, len(ids), batch_size):
-        query, mask = left_pad(ids[start : start + batch_size], tokenizer.pad_token_id)
-        rollout = sample_responses(
-            model,
-            tokenizer,
-            query.to(device),
-            mask.to(device),
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            generator_seed=seed + start,
-        )
+    batches = sample_batches(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    for rollout in batches:
         answers.texts += decode_responses(tokenizer, rollout)
         answers.ended += rollout.has_eos.tolist()
         answers.lengths += rollout.response_mask.sum(1).tolist()
