@@ -1,11 +1,13 @@
 # instruct-tune: `make rlhf`-style entry points. Every target installs what is missing into .venv first.
-#   make rlhf                 sft -> reward -> ppo -> eval on the tiny default (finished stages are kept)
-#   make test                 run the test suite (what CI runs)
-#   make sft                  SFT of the built-in tiny default -> outputs/$(RUN)/sft
-#   make sft CONFIG=recipes/configs/gpt2-alpaca MODEL=openai-community/gpt2
-#   make reward               reward model from outputs/$(RUN)/sft -> outputs/$(RUN)/reward
-#   make ppo                  PPO from outputs/$(RUN)/sft against outputs/$(RUN)/reward -> outputs/$(RUN)/ppo
-#   make eval                 outputs/$(RUN)/ppo vs outputs/$(RUN)/sft on held-out prompts -> outputs/$(RUN)/eval
+#   make rlhf               sft -> reward -> ppo -> eval on the tiny default, then print the results table
+#   make rlhf PTX=1         ... with PPO-ptx beside PPO (outputs/$(RUN)/ppo-ptx): the table shows both rows
+#   make rlhf SEED=1 RUN=s1 every stage with another seed, in outputs/s1
+#   make rlhf FORCE=1       redo every stage (each previous folder is kept as <stage>.previous)
+#   make rlhf MODEL=openai-community/gpt2 CONFIG=recipes/configs/gpt2-alpaca RUN=gpt2    a real setup
+#   make test               run the test suite (what CI runs)
+#   make sft | reward | ppo | ppo-ptx | eval    one stage (and the missing ones before it)
+# A stage whose run folder is finished is skipped unless a stage it reads was redone since. A failed stage
+# stops the chain naming itself and leaves the earlier stages' folders as they were: re-run to continue.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,8 +15,14 @@ BIN := $(VENV)/bin
 RUN ?= tiny
 CONFIG ?= recipes/configs/tiny
 MODEL ?=
-OUT := outputs/$(RUN)
+SEED ?=
+PTX ?=
+FORCE ?=
+# PPO-ptx weight of the pretraining LM loss (InstructGPT's gamma); the text comes from the ppo config's ptx_dataset.
+PTX_COEF ?= 0.5
+OUT ?= outputs/$(RUN)
 MODEL_FLAG := $(if $(MODEL),--model_name_or_path $(MODEL),)
+SEED_FLAG := $(if $(SEED),--seed $(SEED),)
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -30,9 +38,29 @@ CPU_THREADS := $(if $(HAS_GPU),,$(shell nproc 2>/dev/null || echo 1))
 LAUNCH = $(BIN)/accelerate launch --config_file recipes/accelerate/single_device.yaml \
 	$(if $(CPU_THREADS),--num_cpu_threads_per_process $(CPU_THREADS),)
 
-.PHONY: rlhf install test lint sft reward ppo eval tiny clean-outputs help
+# The file each stage writes last: it exists only in a finished run folder.
+SFT_DONE := $(OUT)/sft/metrics.json
+REWARD_DONE := $(OUT)/reward/reward_normalization.json
+PPO_DONE := $(OUT)/ppo/metrics.json
+PTX_DONE := $(OUT)/ppo-ptx/metrics.json
+EVAL_DONE := $(OUT)/eval/results.md
+POLICIES := $(OUT)/ppo $(if $(PTX),$(OUT)/ppo-ptx,)
+
+# $(call stage,NAME,FOLDER,COMMAND): run one stage; on failure name it and stop the chain.
+define stage
+	@echo "==> stage $(1) -> $(2)"
+	$(if $(FORCE),@if [ -d $(2) ]; then rm -rf $(2).previous && mv $(2) $(2).previous && echo "FORCE: kept the previous $(1) folder as $(2).previous"; fi)
+	@$(3) || { rc=$$?; echo "make: stage '$(1)' failed (exit $$rc); the earlier stages' folders in $(OUT)/ are untouched. Fix the cause and re-run the same command: finished stages are skipped (a training stage resumes from its last checkpoint)." >&2; exit $$rc; }
+endef
+
+.PHONY: rlhf install test lint sft reward ppo ppo-ptx eval tiny help
+# FORCE=1: every stage's finished-file counts as out of date, so the whole chain runs again.
+ifneq ($(FORCE),)
+.PHONY: $(SFT_DONE) $(REWARD_DONE) $(PPO_DONE) $(PTX_DONE) $(EVAL_DONE)
+endif
+
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +68,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
-install: $(VENV)/.installed
+# NO_INSTALL=1 uses $(VENV) as it is (the chain test runs make inside the test environment).
+install: $(if $(NO_INSTALL),,$(VENV)/.installed)
 
 lint: install
 	$(BIN)/ruff check src recipes tests bench
@@ -51,24 +80,38 @@ test: install
 tiny: install
 	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2
 
-sft: install $(if $(filter recipes/configs/tiny,$(CONFIG)),tiny,)
-	$(LAUNCH) recipes/sft.py --config $(CONFIG)/sft.yaml --output_dir $(OUT)/sft $(MODEL_FLAG)
+sft: $(SFT_DONE)
+reward: $(REWARD_DONE)
+ppo: $(PPO_DONE)
+ppo-ptx: $(PTX_DONE)
+eval: $(EVAL_DONE)
 
-# The reward model starts from the SFT run folder (and checks its chat template against it).
-reward: install $(if $(wildcard $(OUT)/sft/adapter_config.json $(OUT)/sft/config.json),,sft)
-	$(LAUNCH) recipes/reward.py --config $(CONFIG)/reward.yaml --output_dir $(OUT)/reward \
-		--model_name_or_path $(OUT)/sft --policy_path $(OUT)/sft
+# The reward model starts from the SFT run folder (and checks its chat template against it); PPO starts from
+# the SFT run folder and optimises the reward model; PPO-ptx adds the LM loss on the ppo config's ptx_dataset
+# (InstructGPT's fix for the alignment tax); eval judges each policy against its SFT start.
+SFT_RUN = $(LAUNCH) recipes/sft.py --config $(CONFIG)/sft.yaml --output_dir $(OUT)/sft $(MODEL_FLAG) $(SEED_FLAG)
+REWARD_RUN = $(LAUNCH) recipes/reward.py --config $(CONFIG)/reward.yaml --output_dir $(OUT)/reward \
+	--model_name_or_path $(OUT)/sft --policy_path $(OUT)/sft $(SEED_FLAG)
+PPO_RUN = $(LAUNCH) recipes/ppo.py --config $(CONFIG)/ppo.yaml --model_name_or_path $(OUT)/sft \
+	--reward_model_path $(OUT)/reward $(SEED_FLAG)
+EVAL_RUN = $(LAUNCH) recipes/eval.py --config $(CONFIG)/eval.yaml --output_dir $(OUT)/eval --sft_path $(OUT)/sft \
+	--policy_paths $(POLICIES) --reward_model_path $(OUT)/reward $(SEED_FLAG)
 
-# PPO starts from the SFT run folder and optimises the reward model of the reward run folder.
-ppo: install $(if $(wildcard $(OUT)/reward/reward_normalization.json),,reward)
-	$(LAUNCH) recipes/ppo.py --config $(CONFIG)/ppo.yaml --output_dir $(OUT)/ppo \
-		--model_name_or_path $(OUT)/sft --reward_model_path $(OUT)/reward
+$(SFT_DONE): | install $(if $(filter recipes/configs/tiny,$(CONFIG)),tiny,)
+	$(call stage,sft,$(OUT)/sft,$(SFT_RUN))
 
-# Evaluation: the PPO policy against its SFT start, judged by the reward model and (tiny task) the gold judge.
-eval: install $(if $(wildcard $(OUT)/ppo/trainer_state.json),,ppo)
-	$(LAUNCH) recipes/eval.py --config $(CONFIG)/eval.yaml --output_dir $(OUT)/eval \
-		--sft_path $(OUT)/sft --policy_paths $(OUT)/ppo --reward_model_path $(OUT)/reward
+$(REWARD_DONE): $(SFT_DONE) | install
+	$(call stage,reward,$(OUT)/reward,$(REWARD_RUN))
 
-# The whole pipeline: each stage runs only when its run folder is missing (delete a folder to redo it).
-rlhf: eval
-	@cat $(OUT)/eval/results.md
+$(PPO_DONE): $(SFT_DONE) $(REWARD_DONE) | install
+	$(call stage,ppo,$(OUT)/ppo,$(PPO_RUN) --output_dir $(OUT)/ppo)
+
+$(PTX_DONE): $(SFT_DONE) $(REWARD_DONE) | install
+	$(call stage,ppo-ptx,$(OUT)/ppo-ptx,$(PPO_RUN) --output_dir $(OUT)/ppo-ptx --ptx_coef $(PTX_COEF))
+
+$(EVAL_DONE): $(SFT_DONE) $(REWARD_DONE) $(addsuffix /metrics.json,$(POLICIES)) | install
+	$(call stage,eval,$(OUT)/eval,$(EVAL_RUN))
+
+# The whole pipeline, ending with the results table.
+rlhf: $(EVAL_DONE)
+	@cat $(EVAL_DONE)

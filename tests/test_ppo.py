@@ -22,7 +22,7 @@ from instruct_tune.models.sampling import encode_prompts, left_pad
 from instruct_tune.ppo.models import POLICY, active_adapter, build_ppo_models
 from instruct_tune.ppo.rollout import sample_rollout, sampling_policy
 from instruct_tune.ppo.trainer import NonFiniteError
-from instruct_tune.stages.ppo import run_ppo
+from instruct_tune.stages.ppo import ptx_ids, run_ppo
 from instruct_tune.stages.reward import run_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -335,6 +335,18 @@ def test_ptx_adds_the_language_modelling_loss(
     assert len(ptx) == 2 and all(0.5 < v < 20 for v in ptx)
     assert (out / "model.safetensors").is_file()  # full fine-tuning writes the whole policy
     assert json.loads((out / "metrics.json").read_text())["model_layout"].startswith("four models")
+
+
+def test_ptx_rows_leave_out_the_eval_perplexity_rows(sft_folder: Path, tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(sft_folder)))
+    texts = [f"row {i} of the pretraining text." for i in range(10)]
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    kept = ptx_ids(tokenizer, str(path), 64, heldout_rows=3)
+    assert [tokenizer.decode(ids[:-1]) for ids in kept] == texts[:7]
+    assert all(ids[-1] == tokenizer.eos_token_id for ids in kept)
+    with pytest.raises(ValueError, match="ptx_heldout_rows: 10 leaves none of the 10 rows"):
+        ptx_ids(tokenizer, str(path), 64, heldout_rows=10)
 
 
 def test_non_finite_reward_stops_naming_step_and_quantity(

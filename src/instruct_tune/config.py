@@ -257,6 +257,13 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
     ptx_dataset: str | None = field(
         default=None, metadata={"help": "Pretraining/SFT text (`text` rows, or chats) for PPO-ptx."}
     )
+    ptx_heldout_rows: int = field(
+        default=0,
+        metadata={
+            "help": "Leave the last N rows of `ptx_dataset` out of PPO-ptx (kept for the eval's perplexity, "
+            "its `ptx_eval_rows`)."
+        },
+    )
     ptx_batch_size: int = field(default=8, metadata={"help": "PPO-ptx rows per minibatch per process."})
     ptx_max_length: int = field(default=128, metadata={"help": "PPO-ptx rows are cut to this many tokens."})
     eval_samples: int = field(
@@ -284,6 +291,8 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
             raise ConfigError(f"ptx_coef: {self.ptx_coef} must be >= 0")
         if self.ptx_coef > 0 and not self.ptx_dataset:
             raise ConfigError("ptx_coef > 0 needs `ptx_dataset` (pretraining or SFT text)")
+        if self.ptx_heldout_rows < 0:
+            raise ConfigError(f"ptx_heldout_rows: {self.ptx_heldout_rows} must be >= 0")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"target_kl: {self.target_kl} must be > 0 (null for a fixed beta)")
 

@@ -69,10 +69,20 @@ def prompt_ids(
     return kept
 
 
-def ptx_ids(tokenizer: PreTrainedTokenizerBase, path: str, max_length: int) -> list[list[int]]:
-    """Token ids of the PPO-ptx text (`text` rows), each ending in EOS and cut to `max_length`."""
+def ptx_ids(
+    tokenizer: PreTrainedTokenizerBase, path: str, max_length: int, heldout_rows: int = 0
+) -> list[list[int]]:
+    """Token ids of the PPO-ptx text (`text` rows), each ending in EOS and cut to `max_length`.
+
+    The last `heldout_rows` rows are left out: the eval measures perplexity on them.
+    """
     texts, _ = load_source(path, "text")
-    ids = tokenizer(list(texts["text"]), add_special_tokens=False)["input_ids"]
+    if heldout_rows >= len(texts):
+        raise ConfigError(
+            f"ptx_heldout_rows: {heldout_rows} leaves none of the {len(texts)} rows of {path} for PPO-ptx"
+        )
+    rows = list(texts["text"])[: len(texts) - heldout_rows]
+    ids = tokenizer(rows, add_special_tokens=False)["input_ids"]
     return [(row + [tokenizer.eos_token_id])[:max_length] for row in ids if row]
 
 
@@ -107,7 +117,11 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
         if eval_set is not None and args.eval_samples > 0
         else []
     )
-    ptx = ptx_ids(tokenizer, args.ptx_dataset, args.ptx_max_length) if args.ptx_coef > 0 else []
+    ptx = (
+        ptx_ids(tokenizer, args.ptx_dataset, args.ptx_max_length, args.ptx_heldout_rows)
+        if args.ptx_coef > 0
+        else []
+    )
 
     models = build_ppo_models(
         model_args,
