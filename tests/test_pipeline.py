@@ -1,8 +1,9 @@
 """`make rlhf` end to end on a smaller tiny setting: sft -> reward -> ppo + ppo-ptx -> eval, through the Makefile.
 
-One chain, three runs of make: a broken PPO config stops the chain at the ppo stage, naming it, with the SFT
+One chain, four runs of make: a broken PPO config stops the chain at the ppo stage, naming it, with the SFT
 and reward folders finished and untouched; the fixed config continues from there (SFT and reward skipped)
-and prints the table; a third run redoes nothing. The metrics file's keys and value ranges are checked.
+and prints the table; a third run redoes nothing; FORCE=1 redoes a finished stage. The metrics file's keys and
+value ranges are checked.
 """
 
 from __future__ import annotations
@@ -153,3 +154,10 @@ def test_make_rlhf_chain_stops_names_the_stage_continues_and_skips(
     again = make("rlhf", config, out, PTX="1")
     assert again.returncode == 0 and stages_run(again) == []
     assert table.strip() in again.stdout
+
+    # FORCE=1 redoes the stage asked for (here only SFT), keeping the previous folder beside it.
+    old_sft = (out / "sft" / "model.safetensors").read_bytes()
+    forced = make("sft", config, out, FORCE="1", SEED="1")
+    assert forced.returncode == 0 and stages_run(forced) == ["sft"]
+    assert (out / "sft.previous" / "model.safetensors").read_bytes() == old_sft
+    assert (out / "sft" / "model.safetensors").read_bytes() != old_sft  # another seed, another model
