@@ -242,3 +242,19 @@ def test_build_tiny_data_deterministic_and_counts(tmp_path) -> None:
     assert all(not tt.is_heldout(parse_prompt(r["prompt"])) for r in _read(d / "prompts.jsonl"))
     shares = imperfect_shares(d / "sft.jsonl")
     assert set(shares) == {*FAMILIES, "all"} and 0.15 <= shares["all"] <= 0.5
+
+
+def test_policy_answers_ranked_by_the_gold_judge() -> None:
+    from instruct_tune.tiny.policy_comparisons import rank_answers
+
+    prompt = "What is 23 + 58?"
+    answers = [("79", True), ("81", True), ("81 ", True), ("95", True), ("60", False), ("", True), ("78", True)]
+    row = rank_answers(prompt, answers)
+    # "81 " repeats "81", "60" never ended, "" is empty: dropped; 79, 78 and 95 have distinct scores
+    assert row is not None and row["task"] == "add"
+    ranked = [row["responses"][i] for i in row["ranking"]]
+    assert ranked == ["81", "79", "78", "95"]
+    scores = [gold_score(prompt, r) for r in ranked]
+    assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
+    tie = rank_answers(prompt, [("80", True), ("82", True)])  # both off by one: one score, no ranking
+    assert tie is None
