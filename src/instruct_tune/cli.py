@@ -7,6 +7,10 @@
     instruct-tune score outputs/tiny/reward --prompt "Add 2 and 3." --response "5"
     instruct-tune data check data/tiny/sft.jsonl --kind sft
     instruct-tune build-tiny [--out models/tiny-gpt2]
+    instruct-tune push outputs/tiny/ppo --repo-id user/tiny-ppo [--private] [--revision R] [--dry-run]
+    instruct-tune merge outputs/tiny/ppo --output outputs/tiny/ppo-merged
+    instruct-tune generate outputs/tiny/ppo --input prompts.jsonl --output answers.jsonl
+    instruct-tune chat outputs/tiny/ppo
 
 Heavy libraries are imported only by the command that needs them, so `--help` answers at once.
 """
@@ -26,6 +30,10 @@ commands:
   score        print the normalised reward of responses to a prompt: score RUN_FOLDER --prompt P --response R
   data check   detect the format of a dataset and list every problem row
   build-tiny   build the tiny pretrained model of the built-in default from data/tiny
+  push         upload a run folder (model or adapter, tokenizer, card) to the Hub in one commit
+  merge        merge a run folder's adapter into its base: a standalone safetensors model
+  generate     answer a file of prompts with a run folder or Hub id (JSONL out)
+  chat         chat with a run folder or Hub id in the terminal (streaming, history kept)
 
 Run `instruct-tune <command> --help` for the options of one command.
 """
@@ -100,6 +108,114 @@ def _build_tiny(argv: Sequence[str]) -> int:
     return build_main(list(argv))
 
 
+def _push(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="instruct-tune push",
+        description="Upload a run folder to the Hub in one commit: model or adapter, tokenizer, card. "
+        "Checkpoints, optimizer states and logs stay local. The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    parser.add_argument("run_folder")
+    parser.add_argument("--repo-id", required=True, help="owner/name on the Hub (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repo private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--include-checkpoints", action="store_true", help="also upload checkpoint-* weights")
+    parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
+    args = parser.parse_args(list(argv))
+    from instruct_tune.hub import PushError, format_plan, push_folder
+
+    try:
+        plan, url = push_folder(
+            args.run_folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            include_checkpoints=args.include_checkpoints,
+            dry_run=args.dry_run,
+        )
+    except PushError as error:
+        print(f"instruct-tune push: {error}", file=sys.stderr)
+        return 1
+    print(f"{'Would upload' if args.dry_run else 'Uploaded'} to {args.repo_id}:\n{format_plan(plan)}")
+    if url:
+        print(f"Commit: {url}")
+    return 0
+
+
+def _merge(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="instruct-tune merge", description="Merge a run folder's LoRA adapter(s) into the base model."
+    )
+    parser.add_argument("run_folder")
+    parser.add_argument("--output", required=True, help="new folder for the merged model")
+    parser.add_argument("--trust-remote-code", action="store_true")
+    args = parser.parse_args(list(argv))
+    from instruct_tune.export import MergeError, merge_run_folder
+
+    try:
+        out = merge_run_folder(args.run_folder, args.output, trust_remote_code=args.trust_remote_code)
+    except MergeError as error:
+        print(f"instruct-tune merge: {error}", file=sys.stderr)
+        return 1
+    print(f"Merged {args.run_folder} -> {out}")
+    return 0
+
+
+def _sampling_options(parser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _generate(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="instruct-tune generate", description="Answer a file of prompts; write JSONL (prompt, response)."
+    )
+    parser.add_argument("policy", help="run folder or Hub id")
+    parser.add_argument("--input", required=True, help="prompts: a `prompt` or `messages` column, any format")
+    parser.add_argument("--output", required=True, help="JSONL file to write")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--batch-size", type=int, default=32)
+    _sampling_options(parser)
+    args = parser.parse_args(list(argv))
+    from instruct_tune.generate import generate_file
+
+    n = generate_file(
+        args.policy,
+        args.input,
+        args.output,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    print(f"Wrote {n} answers to {args.output}")
+    return 0
+
+
+def _chat(argv: Sequence[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="instruct-tune chat", description="Chat with a run folder or Hub id.")
+    parser.add_argument("policy", help="run folder or Hub id")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    _sampling_options(parser)
+    args = parser.parse_args(list(argv))
+    from transformers import set_seed
+
+    from instruct_tune.generate import chat
+
+    set_seed(args.seed)
+    chat(args.policy, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "sft": _sft,
     "reward": _reward,
@@ -108,6 +224,10 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "score": _score,
     "data": _data,
     "build-tiny": _build_tiny,
+    "push": _push,
+    "merge": _merge,
+    "generate": _generate,
+    "chat": _chat,
 }
 
 

@@ -107,10 +107,12 @@ def sample_responses(
     temperature: float = 1.0,
     top_p: float = 1.0,
     generator_seed: int | None = None,
+    streamer: Any = None,
 ) -> Rollout:
     """One response per left-padded prompt (temperature 0: greedy; no top-k), cut after its first EOS.
 
-    With `generator_seed` the samples are reproducible and the global RNG is left as it was.
+    With `generator_seed` the samples are reproducible and the global RNG is left as it was; a transformers
+    `streamer` receives the tokens as they come (one prompt only).
     """
     do_sample = temperature > 0
     sample_kwargs = {"temperature": temperature, "top_p": top_p, "top_k": 0} if do_sample else {}
@@ -129,6 +131,7 @@ def sample_responses(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
+            streamer=streamer,
             **sample_kwargs,
         )
     response, mask, has_eos = truncate_after_eos(

@@ -1,0 +1,149 @@
+"""Push a run folder to the Hugging Face Hub: the model (or adapter), tokenizer and card, in one commit.
+
+What goes up is decided here and only here (`upload_plan`), so `push --dry-run` lists exactly what a push
+sends. Checkpoints, optimizer/scheduler/RNG states, logs and pickles stay local unless asked for; a token is
+read by `huggingface_hub` (HF_TOKEN or `hf auth login`) and never printed or written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from instruct_tune.artifacts import CARD_FILE
+
+# Files of a run folder that make up the usable model: weights (adapter or full), configs, tokenizer, card.
+MODEL_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "reward_normalization.json",  # the reward stage's score bias: part of what its scores mean
+)
+MODEL_FILE_PATTERNS = ("model-*-of-*.safetensors",)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+# Inside checkpoint-* folders these never go up, even with include_checkpoints: they are large and only
+# serve resuming (and some are pickles).
+CHECKPOINT_STATE_PATTERNS = ("optimizer*", "scheduler*", "rng_state*", "*.pt", "*.bin", "*.pkl")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+class PushError(RuntimeError):
+    """A push that cannot go ahead; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One file of a push: where it is and where it goes in the repo."""
+
+    local: Path
+    path_in_repo: str
+    size: int
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it reads `owner/name`, else PushError."""
+    if not _REPO_ID.match(repo_id or "") or ".." in repo_id or repo_id.endswith((".git", ".")):
+        raise PushError(
+            f"--repo-id {repo_id!r} is not a Hub repo id: use owner/name (letters, digits, '-', '_', '.'), "
+            "e.g. my-user/tiny-ppo"
+        )
+    return repo_id
+
+
+def upload_plan(folder: str | Path, *, include_checkpoints: bool = False) -> list[Upload]:
+    """The files a push of `folder` sends: model or adapter, tokenizer, card (and checkpoints if asked)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PushError(f"{folder}: no such run folder")
+    names = set(MODEL_FILES) | set(TOKENIZER_FILES) | {CARD_FILE}
+    chosen = [p for p in folder.iterdir() if p.is_file() and p.name in names]
+    chosen += [p for pattern in MODEL_FILE_PATTERNS for p in folder.glob(pattern)]
+    if not any(p.name in ("adapter_model.safetensors", "model.safetensors") or p.match("model-*") for p in chosen):
+        raise PushError(f"{folder}: no adapter_model.safetensors or model.safetensors: not a finished run folder")
+    if include_checkpoints:
+        for checkpoint in sorted(folder.glob("checkpoint-*")):
+            for p in sorted(checkpoint.rglob("*")):
+                if p.is_file() and not any(p.match(pattern) for pattern in CHECKPOINT_STATE_PATTERNS):
+                    chosen.append(p)
+    return [Upload(p, p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(set(chosen))]
+
+
+def format_plan(plan: list[Upload]) -> str:
+    """One line per file (size, path in repo) and a total."""
+    lines = [f"{u.size:>12,d}  {u.path_in_repo}" for u in plan]
+    return "\n".join([*lines, f"{sum(u.size for u in plan):>12,d}  total, {len(plan)} files"])
+
+
+def _http_status(error: BaseException) -> int | None:
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    include_checkpoints: bool = False,
+    dry_run: bool = False,
+) -> tuple[list[Upload], str | None]:
+    """Upload the run folder's plan to `repo_id` in one commit; returns the plan and the commit URL.
+
+    With `dry_run` nothing is contacted and the URL is None. Local files are only read.
+    """
+    check_repo_id(repo_id)
+    plan = upload_plan(folder, include_checkpoints=include_checkpoints)
+    if dry_run:
+        return plan, None
+
+    import huggingface_hub
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise PushError("HF_HUB_OFFLINE is set: unset it to push (nothing was uploaded)")
+    token = huggingface_hub.get_token()
+    if not token:
+        raise PushError(
+            "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access); "
+            "nothing was uploaded"
+        )
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
+    operations = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.local)) for u in plan]
+    message = commit_message or f"Upload {Path(folder).name} from instruct-tune"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
+    except Exception as error:  # the Hub client raises HTTP, connection and validation errors alike
+        status = _http_status(error)
+        if status in (401, 403):
+            raise PushError(
+                f"the Hub refused the token for {repo_id} (HTTP {status}): it needs write access to that "
+                "namespace; nothing was uploaded"
+            ) from None
+        if status == 404:
+            raise PushError(f"{repo_id} or revision {revision!r} not found on the Hub (HTTP 404)") from None
+        if status is not None:
+            raise PushError(f"the Hub answered HTTP {status} for {repo_id}: {str(error)[:300]}") from None
+        if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
+            raise PushError(f"cannot reach {api.endpoint}: {type(error).__name__} (offline?)") from None
+        raise
+    return plan, str(info.commit_url)

@@ -1,0 +1,352 @@
+"""Using a run folder: push (dry run and a recorded upload), merge, generate and chat.
+
+The Hub itself is unreachable here, so the upload goes to a local HTTP server given as HF_ENDPOINT: it answers
+the few Hub API routes the real `huggingface_hub` client calls for a commit (create repo, validate the card's
+YAML, preupload, commit) and records every request, so the test sees exactly what the client sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import ModelCard
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig
+from instruct_tune.export import MergeError, merge_run_folder
+from instruct_tune.generate import read_prompts
+from instruct_tune.hub import PushError, check_repo_id, upload_plan
+from instruct_tune.models import load_tokenizer
+from instruct_tune.stages.ppo import run_ppo
+from instruct_tune.stages.reward import run_reward
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = REPO / "data" / "tiny"
+TOKEN = "hf_fakeTokenForTheRecordingServer0123456789"
+CLI = [sys.executable, "-m", "instruct_tune.cli"]
+
+
+def head_of(src: Path, dst: Path, n: int) -> Path:
+    with src.open() as lines:
+        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def ppo_folder(sft_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real PPO run folder: LoRA policy over the SFT adapter folder, a reward run beside it, a checkpoint."""
+    root = tmp_path_factory.mktemp("run")
+    data = root / "data"
+    data.mkdir()
+    reward = run_reward(
+        RewardStageConfig(
+            output_dir=str(root / "reward"),
+            num_train_epochs=1,
+            per_device_train_batch_size=8,
+            learning_rate=3e-3,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=True,
+            max_length=128,
+            use_cpu=True,
+            seed=0,
+            policy_path=str(sft_folder),
+            normalization_prompts=str(head_of(TINY_DATA / "prompts.jsonl", data / "prompts.jsonl", 32)),
+            normalization_samples=16,
+            normalization_max_new_tokens=8,
+        ),
+        DataArguments(
+            dataset_name=str(head_of(TINY_DATA / "comparisons.jsonl", data / "cmp.jsonl", 24)), eval_fraction=0.0
+        ),
+        ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=4, lora_alpha=8),
+    )
+    args = PPOStageConfig(
+        output_dir=str(root / "ppo"),
+        reward_model_path=str(reward),
+        total_episodes=16,
+        rollout_batch_size=8,
+        num_mini_batches=2,
+        ppo_epochs=1,
+        max_new_tokens=8,
+        learning_rate=1e-3,
+        eval_samples=0,
+        logging_steps=1,
+        save_steps=1,
+        save_total_limit=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    data_args = DataArguments(dataset_name=str(data / "prompts.jsonl"), eval_fraction=0.0)
+    model_args = ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=4, lora_alpha=8)
+    return run_ppo(args, data_args, model_args)
+
+
+# --- push -----------------------------------------------------------------------------------------------
+
+
+EXPECTED = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "chat_template.jinja",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
+
+
+def test_dry_run_lists_adapter_tokenizer_and_card_only(ppo_folder: Path) -> None:
+    assert any(ppo_folder.glob("checkpoint-*")) and (ppo_folder / "trainer_state.json").is_file()
+    plan = {u.path_in_repo for u in upload_plan(ppo_folder)}
+    assert plan == EXPECTED
+    out = subprocess.run(
+        [*CLI, "push", str(ppo_folder), "--repo-id", "someone/tiny-ppo", "--dry-run"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9"},  # a dry run contacts nothing
+    )
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[-1] for line in out.stdout.splitlines()[1:-1]}
+    assert listed == EXPECTED and "6 files" in out.stdout.splitlines()[-1]
+    with_checkpoints = {u.path_in_repo for u in upload_plan(ppo_folder, include_checkpoints=True)}
+    extra = with_checkpoints - EXPECTED
+    assert extra and all(p.startswith("checkpoint-") for p in extra)
+    assert not any(Path(p).name.startswith(("optimizer", "scheduler", "rng_state")) for p in extra)
+
+
+class RecordingHub(BaseHTTPRequestHandler):
+    """Answers the Hub routes of a commit; `fail` makes every route answer that HTTP status."""
+
+    requests: list[dict] = []
+    fail: int | None = None
+
+    def log_message(self, *args) -> None:  # keep the test output clean
+        pass
+
+    def _reply(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _handle(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        type(self).requests.append(
+            {"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body}
+        )
+        if type(self).fail:
+            return self._reply(type(self).fail, {"error": "refused by the recording server"})
+        endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        path = self.path.split("?")[0]
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            return self._reply(200, {"url": f"{endpoint}/{payload['organization']}/{payload['name']}"})
+        if path == "/api/validate-yaml":
+            return self._reply(200, {"errors": [], "warnings": []})
+        if "/preupload/" in path:
+            files = json.loads(body)["files"]
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if "/commit/" in path:
+            repo = path.split("/api/models/")[1].split("/commit/")[0]
+            return self._reply(200, {"commitUrl": f"{endpoint}/{repo}/commit/abc123", "commitOid": "abc123"})
+        return self._reply(404, {"error": f"no route {path}"})
+
+    do_GET = do_POST = do_PUT = _handle
+
+
+@pytest.fixture()
+def hub_server():
+    RecordingHub.requests, RecordingHub.fail = [], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def push(folder: Path, endpoint: str, tmp_path: Path, *extra: str, token: str | None = TOKEN):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
+    env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home")})
+    if token:
+        env["HF_TOKEN"] = token
+    return subprocess.run(
+        [*CLI, "push", str(folder), "--repo-id", "someone/tiny-ppo", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_sends_one_commit_with_the_planned_files(ppo_folder: Path, hub_server: str, tmp_path: Path) -> None:
+    before = folder_snapshot(ppo_folder)
+    out = push(ppo_folder, hub_server, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"{hub_server}/someone/tiny-ppo/commit/abc123" in out.stdout
+    commits = [r for r in RecordingHub.requests if "/commit/" in r["path"]]
+    assert len(commits) == 1 and commits[0]["path"].startswith("/api/models/someone/tiny-ppo/commit/main")
+    lines = [json.loads(line) for line in commits[0]["body"].splitlines()]
+    files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"}
+    assert set(files) == EXPECTED
+    assert files["adapter_model.safetensors"] == (ppo_folder / "adapter_model.safetensors").read_bytes()
+    assert commits[0]["auth"] == f"Bearer {TOKEN}"  # the token goes to the Hub, and nowhere else:
+    assert TOKEN not in out.stdout + out.stderr
+    assert folder_snapshot(ppo_folder) == before  # nothing local changed
+    assert not any(TOKEN.encode() in data for data in before.values())
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_server_refusal_is_a_clear_error(ppo_folder: Path, hub_server: str, tmp_path: Path, status: int) -> None:
+    RecordingHub.fail = status
+    before = folder_snapshot(ppo_folder)
+    out = push(ppo_folder, hub_server, tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert f"HTTP {status}" in out.stderr and TOKEN not in out.stderr + out.stdout
+    assert not [r for r in RecordingHub.requests if "/commit/" in r["path"]]
+    assert folder_snapshot(ppo_folder) == before
+
+
+def test_no_token_no_network_and_bad_repo_ids(ppo_folder: Path, hub_server: str, tmp_path: Path) -> None:
+    out = push(ppo_folder, hub_server, tmp_path, token=None)
+    assert out.returncode == 1 and "no Hugging Face token" in out.stderr and not RecordingHub.requests
+    unreachable = push(ppo_folder, "http://127.0.0.1:9", tmp_path)  # nothing listens on port 9
+    assert unreachable.returncode == 1 and "cannot reach http://127.0.0.1:9" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr and TOKEN not in unreachable.stderr
+    for bad in ("tiny-ppo", "a/b/c", "someone/", "some one/x", "../x"):
+        with pytest.raises(PushError, match="is not a Hub repo id"):
+            check_repo_id(bad)
+
+
+def test_card_metadata_names_the_base_and_the_lineage(ppo_folder: Path, sft_folder: Path) -> None:
+    card = ModelCard.load(ppo_folder / "README.md")
+    assert card.data.library_name == "peft" and {"trl", "rlhf", "ppo"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-generation"
+    assert "SFT policy" in card.text and str(sft_folder) in card.text and "reward model" in card.text
+    assert "AutoPeftModelForCausalLM" in card.text  # the usage snippet loads the adapter
+    config = yaml.safe_load(card.text.split("```yaml")[1].split("```")[0])
+    assert config["total_episodes"] == 16 and config["rollout_batch_size"] == 8
+
+
+# --- merge, generate, chat ------------------------------------------------------------------------------
+
+
+def test_merge_matches_base_plus_adapter(ppo_folder: Path, sft_folder: Path, tiny_model_dir: Path, tmp_path: Path):
+    out = subprocess.run(
+        [*CLI, "merge", str(ppo_folder), "--output", str(tmp_path / "merged")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    # base + adapters, unmerged: the tiny base, the SFT adapter, then the PPO adapter on top
+    tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(ppo_folder)))
+    ids = torch.tensor([tokenizer("Add 2 and 3.")["input_ids"]])
+
+    def sft_model():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        return PeftModel.from_pretrained(base, sft_folder).merge_and_unload().eval()
+
+    stacked = PeftModel.from_pretrained(sft_model(), ppo_folder).eval()
+    with torch.no_grad():
+        logits = merged(ids).logits
+        diff = (logits - stacked(ids).logits).abs().max().item()
+        from_sft = (logits - sft_model()(ids).logits).abs().max().item()
+    assert diff < 1e-4 and from_sft > 1e-6  # the PPO adapter is in the merged weights
+    with pytest.raises(MergeError, match="holds a full model"):
+        merge_run_folder(tmp_path / "merged", tmp_path / "again")
+
+
+def test_merge_refuses_a_quantised_base(make_adapter_folder, tmp_path: Path) -> None:
+    adapter = make_adapter_folder("q", seed=1, std=0.01)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    base = tmp_path / "base-4bit"
+    base.mkdir()
+    base_config = json.loads((Path(config["base_model_name_or_path"]) / "config.json").read_text())
+    base_config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(base_config))
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    with pytest.raises(MergeError, match="stored quantised .*full-precision checkpoint"):
+        merge_run_folder(adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_generate_writes_jsonl(ppo_folder: Path, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("Add 2 and 3.", "Repeat the word cat 2 times.")))
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "Add 2 and 3."}]}) + "\n")
+    assert read_prompts(chats) == [[{"role": "user", "content": "Add 2 and 3."}]]
+    out = subprocess.run(
+        [*CLI, "generate", str(ppo_folder), "--input", str(prompts), "--output", str(tmp_path / "a.jsonl"),
+         "--max-new-tokens", "8"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["Add 2 and 3.", "Repeat the word cat 2 times."]
+    assert all(isinstance(r["response"], str) and isinstance(r["ended_with_eos"], bool) for r in rows)
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen and time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:
+                break
+    assert marker in seen, seen.decode(errors="replace")[-2000:]
+    return seen
+
+
+def test_chat_answers_two_turns_in_a_terminal(ppo_folder: Path) -> None:
+    """Driven through a pseudo-terminal, as a person would type; the second turn sees the first."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the chat command on the pty
+        os.execvpe(
+            sys.executable,
+            [*CLI, "chat", str(ppo_folder), "--temperature", "0", "--max-new-tokens", "6"],
+            {**os.environ, "TERM": "dumb"},
+        )
+    try:
+        _read_until(fd, b"you> ")
+        os.write(fd, b"Add 2 and 3.\n")
+        first = _read_until(fd, b"you> ")
+        os.write(fd, b"Repeat the word cat 2 times.\n")
+        second = _read_until(fd, b"you> ")
+        os.write(fd, b"/history\n")
+        history = _read_until(fd, b"you> ")
+        os.write(fd, b"/exit\n")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert first.count(b"assistant> ") == 1 and second.count(b"assistant> ") == 1
+    turns = [line for line in history.decode().splitlines() if line.startswith("[")]
+    assert [t.split("]")[0] for t in turns] == ["[user", "[assistant", "[user", "[assistant"]
+    assert turns[0] == "[user] Add 2 and 3." and turns[2] == "[user] Repeat the word cat 2 times."
+    assert os.waitstatus_to_exitcode(status) == 0
