@@ -1,0 +1,104 @@
+"""SFT tokens/s and peak RSS: our SFT stage against a plain `trl.SFTTrainer` script, same model, data and steps.
+
+    python bench/sft.py [--steps 20] [--repeats 2]        (`make bench` runs it)
+
+Both sides train the same ~11M-parameter GPT-2 (tiny default's tokenizer) on the tiny demonstrations (chats
+of 20-70 tokens: variable length), batch 32, max length 256, lr 1e-3, each run in a fresh process, the
+settings alternating within each repeat. Tokens are non-padding tokens as TRL counts them (`num_tokens`);
+time is the Trainer's `train_runtime`. The peer runs TRL's default (best-fit packing) and every other
+setting below; the fastest of them is `tokens_per_s_trl_fastest`. Writes bench/results/sft.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO, bench_model, machine, parameters, run_timed, summary, write_result
+
+PEER_SETTINGS = {
+    "trl_default": [],
+    "trl_no_packing": ["--packing", "none"],
+    "trl_wrapped": ["--packing", "wrapped"],
+    "trl_padding_free": ["--packing", "none", "--padding_free"],
+    "trl_bfd_padding_free": ["--packing", "bfd", "--padding_free"],
+}
+DATA = "data/tiny/sft.jsonl"
+
+
+def ours(model: Path, steps: int, batch: int, max_length: int) -> tuple[float, float]:
+    """Our SFT stage (recipes/sft.py with the tiny default's settings): tokens/s and peak RSS (MB)."""
+    with tempfile.TemporaryDirectory() as out:
+        _, rss = run_timed([
+            sys.executable, str(REPO / "recipes/sft.py"), "--config", str(REPO / "recipes/configs/tiny/sft.yaml"),
+            "--model_name_or_path", str(model), "--dataset_name", DATA, "--output_dir", out,
+            "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--max_length", str(max_length),
+            "--learning_rate", "1e-3", "--logging_steps", str(steps), "--save_strategy", "no",
+            "--report_to", "none", "--disable_tqdm", "true", "--max_eval_samples", "1",
+        ])  # fmt: skip
+        log = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+        tokens = max(entry.get("num_tokens", 0) for entry in log)
+        runtime = json.loads((Path(out) / "metrics.json").read_text())["train_runtime"]
+        return tokens / runtime, rss
+
+
+def peer(model: Path, steps: int, batch: int, max_length: int, setting: list[str]) -> tuple[float, float]:
+    """The plain TRL script with `setting`: tokens/s and peak RSS (MB)."""
+    stdout, rss = run_timed([
+        sys.executable, str(REPO / "bench/peers/trl_sft.py"), "--model", str(model), "--data", DATA,
+        "--steps", str(steps), "--batch_size", str(batch), "--max_length", str(max_length), *setting,
+    ])  # fmt: skip
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return result["tokens"] / result["runtime"], rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max_length", type=int, default=256)
+    args = parser.parse_args()
+    model = bench_model()
+    speed: dict[str, list[float]] = {"ours": [], **{name: [] for name in PEER_SETTINGS}}
+    rss: dict[str, list[float]] = {name: [] for name in speed}
+    for _ in range(args.repeats):  # alternate the sides within each repeat
+        for name in speed:
+            if name == "ours":
+                tokens_per_s, peak = ours(model, args.steps, args.batch, args.max_length)
+            else:
+                tokens_per_s, peak = peer(model, args.steps, args.batch, args.max_length, PEER_SETTINGS[name])
+            speed[name].append(tokens_per_s)
+            rss[name].append(peak)
+    table = {name: summary(values) for name, values in speed.items()}
+    fastest = max(PEER_SETTINGS, key=lambda n: table[n]["median"])
+    n_params = parameters(model)
+    result = {
+        "tokens_per_s_ours": table["ours"]["median"],
+        "tokens_per_s_trl_default": table["trl_default"]["median"],
+        "tokens_per_s_trl_fastest": table[fastest]["median"],
+        "trl_fastest_setting": fastest,
+        "peak_rss_mb_ours": max(rss["ours"]),
+        "peak_rss_mb_trl_default": max(rss["trl_default"]),
+        "ratio_vs_trl_default": table["ours"]["median"] / table["trl_default"]["median"],
+        "ratio_vs_trl_fastest": table["ours"]["median"] / table[fastest]["median"],
+        "rss_ratio_vs_trl_default": max(rss["ours"]) / max(rss["trl_default"]),
+        "tokens_per_s": table,
+        "peak_rss_mb": {name: max(values) for name, values in rss.items()},
+        "runs": speed,
+        "settings": {"model_parameters": n_params, "steps": args.steps, "batch": args.batch,
+                     "max_length": args.max_length, "data": DATA, "repeats": args.repeats},
+        "machine": machine(),
+    }  # fmt: skip
+    for name, s in table.items():
+        print(f"{name:22s} tokens/s min {s['min']:8.0f} median {s['median']:8.0f} max {s['max']:8.0f}  "
+              f"peak RSS {max(rss[name]):6.0f} MB  ours/this x{table['ours']['median'] / s['median']:.2f}")
+    print(f"TRL's fastest setting here: {fastest}")
+    write_result("sft", result)
+
+
+if __name__ == "__main__":
+    main()
