@@ -9,8 +9,10 @@ from pathlib import Path
 
 import evaluate
 import pytest
+import yaml
 from PIL import Image
 
+from instruct_tune.artifacts import write_model_card
 from instruct_tune.cli import main as cli_main
 from instruct_tune.config import (
     ConfigError,
@@ -76,9 +78,10 @@ def reward_folder(tiny_model_dir: Path, data_files: dict[str, Path], tmp_path_fa
 
 
 @pytest.fixture(scope="module")
-def ppo_folder(make_adapter_folder) -> Path:
-    """A "PPO policy": a LoRA adapter with random B weights over the tiny model, with a PPO training log."""
+def ppo_folder(make_adapter_folder, tiny_model_dir) -> Path:
+    """A "PPO policy": a LoRA adapter with random B weights over the tiny model, a PPO training log, a card."""
     out = make_adapter_folder("ppo", seed=5, std=0.05)
+    write_model_card(out, stage="ppo", base_model=str(tiny_model_dir), is_adapter=True)
     log = [{"eval_start_reward": 0.1}] + [
         {"objective/scores": 0.1 * step, "objective/kl": 0.02 * step, "step": step} for step in range(1, 6)
     ]
@@ -191,6 +194,15 @@ def test_results_table_and_plots(eval_run: Path, capsys: pytest.CaptureFixture) 
         assert f"]({name})" in report
 
 
+def test_policy_card_gets_the_results_table(eval_run: Path, ppo_folder: Path) -> None:
+    card = (ppo_folder / "README.md").read_text()
+    section = card.split("## Evaluation against the SFT policy\n", 1)[1]
+    m = read_metrics(eval_run)
+    assert f"| ppo | {m['mean_reward_ppo']:.3f} | {m['win_rate_vs_sft_rm']:.3f} |" in section
+    assert "### Sampled" in section and "### Greedy" in section and "![" not in section
+    assert f"From `{eval_run / 'results.md'}`" in section
+
+
 def test_samples_and_config(eval_run: Path) -> None:
     rows = [json.loads(line) for line in (eval_run / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 2 * N_PROMPTS
@@ -216,6 +228,10 @@ def test_same_seeds_give_the_same_numbers(eval_run: Path, tmp_path: Path) -> Non
     assert (out / "results.md").read_text().replace(str(out), "") == (
         eval_run / "results.md"
     ).read_text().replace(str(eval_run), "")
+    policy = yaml.safe_load((eval_run / "config.yaml").read_text())["policy_paths"][0]
+    card = (Path(policy) / "README.md").read_text()
+    assert card.count("## Evaluation against the SFT policy") == 1  # the latest run's table replaced the first
+    assert f"From `{out / 'results.md'}`" in card
 
 
 def test_prompts_without_a_gold_judge(

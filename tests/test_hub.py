@@ -184,16 +184,27 @@ def hub_server():
     server.shutdown()
 
 
-def push(folder: Path, endpoint: str, tmp_path: Path, *extra: str, token: str | None = TOKEN):
+def hub_env(endpoint: str, tmp_path: Path, token: str | None = TOKEN) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
     env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home")})
     if token:
         env["HF_TOKEN"] = token
+    return env
+
+
+def committed_files(request: dict) -> dict[str, bytes]:
+    lines = [json.loads(line) for line in request["body"].splitlines()]
+    return {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"}
+
+
+def push(
+    folder: Path, endpoint: str, tmp_path: Path, *extra: str, token: str | None = TOKEN, repo: str = "someone/tiny-ppo"
+):
     return subprocess.run(
-        [*CLI, "push", str(folder), "--repo-id", "someone/tiny-ppo", *extra],
+        [*CLI, "push", str(folder), "--repo-id", repo, *extra],
         capture_output=True,
         text=True,
-        env=env,
+        env=hub_env(endpoint, tmp_path, token),
         timeout=120,
     )
 
@@ -209,14 +220,16 @@ def test_push_sends_one_commit_with_the_planned_files(ppo_folder: Path, hub_serv
     assert f"{hub_server}/someone/tiny-ppo/commit/abc123" in out.stdout
     commits = [r for r in RecordingHub.requests if "/commit/" in r["path"]]
     assert len(commits) == 1 and commits[0]["path"].startswith("/api/models/someone/tiny-ppo/commit/main")
-    lines = [json.loads(line) for line in commits[0]["body"].splitlines()]
-    files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"}
+    files = committed_files(commits[0])
     assert set(files) == EXPECTED
     assert files["adapter_model.safetensors"] == (ppo_folder / "adapter_model.safetensors").read_bytes()
     assert commits[0]["auth"] == f"Bearer {TOKEN}"  # the token goes to the Hub, and nowhere else:
     assert TOKEN not in out.stdout + out.stderr
-    assert folder_snapshot(ppo_folder) == before  # nothing local changed
-    assert not any(TOKEN.encode() in data for data in before.values())
+    after = folder_snapshot(ppo_folder)  # nothing local changed; where it went is recorded beside it
+    record = json.loads(after.pop("hub.json"))
+    assert after == before and record["repo_id"] == "someone/tiny-ppo" and record["commit_url"].endswith("abc123")
+    assert not any(TOKEN.encode() in data for data in [*before.values(), json.dumps(record).encode()])
+    (ppo_folder / "hub.json").unlink()
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
@@ -249,6 +262,48 @@ def test_card_metadata_names_the_base_and_the_lineage(ppo_folder: Path, sft_fold
     assert "AutoPeftModelForCausalLM" in card.text  # the usage snippet loads the adapter
     config = yaml.safe_load(card.text.split("```yaml")[1].split("```")[0])
     assert config["total_episodes"] == 16 and config["rollout_batch_size"] == 8
+
+
+def test_a_pushed_sft_folder_becomes_the_base_model_of_the_ppo_card(
+    ppo_folder: Path, sft_folder: Path, hub_server: str, tmp_path: Path
+) -> None:
+    """The tiny base is local (no Hub id): once the SFT folder is pushed, the PPO card names that repo."""
+    assert ModelCard.load(ppo_folder / "README.md").data.base_model is None
+    try:
+        assert push(sft_folder, hub_server, tmp_path, repo="someone/tiny-sft").returncode == 0
+        assert push(ppo_folder, hub_server, tmp_path).returncode == 0
+    finally:
+        for folder in (sft_folder, ppo_folder):
+            (folder / "hub.json").unlink(missing_ok=True)
+    commits = [r for r in RecordingHub.requests if "/commit/" in r["path"]]
+    card = ModelCard(committed_files(commits[-1])["README.md"].decode())
+    assert card.data.base_model == "someone/tiny-sft" and "ppo" in card.data.tags
+    assert ModelCard.load(ppo_folder / "README.md").data.base_model is None  # the local card is left as it was
+
+
+def test_push_to_hub_in_a_stage_config(tiny_model_dir: Path, tiny_sft_file: Path, hub_server: str, tmp_path: Path):
+    """`push_to_hub: true` + `hub_model_id`: the stage pushes its finished folder once, never its checkpoints."""
+    out = tmp_path / "sft"
+    stage = [
+        sys.executable, str(REPO / "recipes/sft.py"), "--model_name_or_path", str(tiny_model_dir),
+        "--dataset_name", str(tiny_sft_file), "--output_dir", str(out), "--max_steps", "2", "--save_steps", "1",
+        "--per_device_train_batch_size", "4", "--use_cpu", "true", "--report_to", "none", "--push_to_hub", "true",
+    ]  # fmt: skip
+    bad = subprocess.run([*stage, "--hub_model_id", "no-owner"], capture_output=True, text=True,
+                         env=hub_env(hub_server, tmp_path), timeout=300)  # fmt: skip
+    assert bad.returncode != 0 and "hub_model_id: 'no-owner' is not a Hub repo id" in bad.stderr
+    assert not out.exists() and not RecordingHub.requests  # refused before any training or upload
+    run = subprocess.run([*stage, "--hub_model_id", "someone/tiny-sft"], capture_output=True, text=True,
+                         env=hub_env(hub_server, tmp_path), timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert any(p.name.startswith("checkpoint-") for p in out.iterdir())
+    commits = [r for r in RecordingHub.requests if "/commit/" in r["path"]]
+    assert len(commits) == 1 and commits[0]["path"].startswith("/api/models/someone/tiny-sft/commit/")
+    files = committed_files(commits[0])
+    assert {"README.md", "model.safetensors", "config.json", "tokenizer.json"} <= set(files)
+    assert not any(name.startswith("checkpoint-") or name.endswith((".bin", ".pt")) for name in files)
+    assert json.loads((out / "hub.json").read_text())["repo_id"] == "someone/tiny-sft"
+    assert TOKEN not in run.stdout + run.stderr
 
 
 # --- merge, generate, chat ------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 CARD_FILE = "README.md"
+# Written by `instruct-tune push` (never uploaded): the repo a run folder went to, so cards of later stages
+# can name it as their `base_model`.
+HUB_FILE = "hub.json"
 # Written by transformers' Trainer with pickle; the run folder keeps `config.yaml` instead.
 _PICKLED_FILES = ("training_args.bin",)
 
@@ -56,6 +59,38 @@ def is_hub_id(name: str | None) -> bool:
     return 1 <= len(parts) <= 2 and all(parts)
 
 
+def hub_id_of(model: str | None) -> str | None:
+    """The Hub id that stands for `model` in card metadata, or None when it has none.
+
+    A Hub id stands for itself; a local run folder for the repo it was pushed to (`hub.json`), else for the
+    `base_model` its own card names (the Hub model at the root of its chain).
+    """
+    if not model:
+        return None
+    if is_hub_id(model):
+        return model
+    folder = Path(model)
+    if (folder / HUB_FILE).is_file():
+        return json.loads((folder / HUB_FILE).read_text()).get("repo_id")
+    base = _card_data(folder).get("base_model")
+    return base[0] if isinstance(base, list) and base else base or None
+
+
+def license_of(model: str | None) -> str | None:
+    """The license a local model folder's card declares (carried into the cards trained from it)."""
+    return _card_data(Path(model)).get("license") if model and not is_hub_id(model) else None
+
+
+def _card_data(folder: Path) -> dict[str, Any]:
+    card = folder / CARD_FILE
+    if not card.is_file():
+        return {}
+    try:
+        return ModelCard.load(card).data.to_dict()
+    except Exception:  # a hand-written README without metadata is not an error here
+        return {}
+
+
 def remove_pickled_files(output_dir: str | Path) -> None:
     """Drop pickle files the Trainer writes beside the model: run folders hold safetensors only."""
     for name in _PICKLED_FILES:
@@ -86,12 +121,12 @@ def write_model_card(
     """Write `README.md` with Hub metadata (parsed by `huggingface_hub.ModelCard`) and a readable body."""
     output_dir = Path(output_dir)
     data = ModelCardData(
-        base_model=base_model if is_hub_id(base_model) else None,
+        base_model=hub_id_of(base_model),
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-classification" if stage == "reward" else "text-generation",
         tags=["instruct-tune", "trl", "rlhf", stage, *(["lora"] if is_adapter else [])],
         datasets=[d for d in datasets if is_hub_id(d)] or None,
-        license=license,
+        license=license or license_of(base_model),
     )
     loader = (
         "from peft import AutoPeftModelForCausalLM\n"
@@ -140,9 +175,15 @@ tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
 
 
 def append_to_card(output_dir: str | Path, title: str, body: str) -> Path:
-    """Add a `## title` section to the run folder's model card."""
+    """Set the `## title` section of the run folder's model card (replacing one of the same title)."""
     path = Path(output_dir) / CARD_FILE
     card = ModelCard.load(path)
-    card.text = card.text.rstrip() + f"\n\n## {title}\n{body}\n"
+    heading = f"\n## {title}\n"
+    text = card.text.rstrip()
+    if heading in text + "\n":
+        start = (text + "\n").index(heading)
+        end = text.find("\n## ", start + len(heading) - 1)
+        text = text[:start] + (text[end:] if end != -1 else "")
+    card.text = text.rstrip() + f"\n{heading}{body.strip()}\n"
     card.save(path)
     return path

@@ -7,12 +7,15 @@ read by `huggingface_hub` (HF_TOKEN or `hf auth login`) and never printed or wri
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from instruct_tune.artifacts import CARD_FILE
+import yaml
+
+from instruct_tune.artifacts import CARD_FILE, CONFIG_FILE, HUB_FILE, hub_id_of
 
 # Files of a run folder that make up the usable model: weights (adapter or full), configs, tokenizer, card.
 MODEL_FILES = (
@@ -89,6 +92,23 @@ def format_plan(plan: list[Upload]) -> str:
     return "\n".join([*lines, f"{sum(u.size for u in plan):>12,d}  total, {len(plan)} files"])
 
 
+def card_for_upload(folder: str | Path) -> bytes | None:
+    """The card as it goes up: `base_model` re-resolved now, since the run folder this one was trained from
+    may have been pushed after this card was written (its repo then becomes this card's `base_model`)."""
+    from huggingface_hub import ModelCard
+
+    path = Path(folder) / CARD_FILE
+    if not path.is_file():
+        return None
+    card = ModelCard.load(path)
+    config = Path(folder) / CONFIG_FILE
+    source = (yaml.safe_load(config.read_text()) or {}).get("model_name_or_path") if config.is_file() else None
+    pushed_source = bool(source) and (Path(source) / HUB_FILE).is_file()
+    if pushed_source or not card.data.base_model:
+        card.data.base_model = hub_id_of(source) or card.data.base_model
+    return str(card).encode()
+
+
 def _http_status(error: BaseException) -> int | None:
     response = getattr(error, "response", None)
     return getattr(response, "status_code", None)
@@ -125,7 +145,14 @@ def push_folder(
             "nothing was uploaded"
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    operations = [CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=str(u.local)) for u in plan]
+    card = card_for_upload(folder)
+    operations = [
+        CommitOperationAdd(
+            path_in_repo=u.path_in_repo,
+            path_or_fileobj=card if u.path_in_repo == CARD_FILE and card is not None else str(u.local),
+        )
+        for u in plan
+    ]
     message = commit_message or f"Upload {Path(folder).name} from instruct-tune"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
@@ -146,4 +173,6 @@ def push_folder(
         if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
             raise PushError(f"cannot reach {api.endpoint}: {type(error).__name__} (offline?)") from None
         raise
+    record = {"repo_id": repo_id, "revision": revision, "commit_url": str(info.commit_url)}
+    (Path(folder) / HUB_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return plan, str(info.commit_url)

@@ -492,6 +492,8 @@ class PPOTrainer:
             float(mask.sum()) * self.accelerator.num_processes / timings["generate"]
         )
         stats["speed/train_tokens_per_s"] = tokens * self.args.ppo_epochs / timings["train"]
+        stats["time/generate_s"] = timings["generate"]  # sampling the rollout
+        stats["time/train_s"] = timings["train"]  # scoring it (reward, reference, values) and the PPO epochs
         stats["kl_coef"] = self.kl_controller.value
         stats["lr"] = self.scheduler.get_last_lr()[0]
         stats["episodes"] = self.step * self.args.rollout_batch_size * self.accelerator.num_processes

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from instruct_tune.artifacts import is_hub_id, write_metrics
+from instruct_tune.artifacts import CARD_FILE, append_to_card, is_hub_id, write_metrics
 from instruct_tune.config import ConfigError, EvalStageConfig, ModelArguments, save_config
 from instruct_tune.data import load_source
 from instruct_tune.metrics import load_metric
@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 SFT = "sft"
 SAMPLED, GREEDY = "sampled", "greedy"
 RESULTS_FILE, SAMPLES_FILE = "results.md", "samples.jsonl"
+EVAL_CARD_SECTION = "Evaluation against the SFT policy"
 TRAINING_PLOT, REWARD_PLOT, FAMILY_PLOT = "ppo_training.png", "reward_hist.png", "gold_by_family.png"
 
 
@@ -426,6 +427,13 @@ def results_markdown(
     return "\n".join(parts) + "\n"
 
 
+def card_section(report: str, output_dir: Path) -> str:
+    """The results report as a section of a policy's model card: tables and notes, without the plots."""
+    body = report.split("\n## Plots", 1)[0]
+    body = body.replace("# Evaluation against the SFT policy\n", "", 1).replace("\n## ", "\n### ")
+    return f"{body.strip()}\n\nFrom `{output_dir / RESULTS_FILE}` (plots there)."
+
+
 def training_log(folder: str) -> list[dict[str, Any]]:
     """The per-step log of a PPO run folder (`trainer_state.json` entries that have a `step`)."""
     path = Path(folder) / "trainer_state.json"
@@ -607,6 +615,9 @@ def run_eval(args: EvalStageConfig) -> Path:
         plots.append(FAMILY_PLOT)
     report = results_markdown(args, prompts, per_policy, folders, plots)
     (output_dir / RESULTS_FILE).write_text(report)
+    for name, folder in folders.items():
+        if name != SFT and (Path(folder) / CARD_FILE).is_file():
+            append_to_card(folder, EVAL_CARD_SECTION, card_section(report, output_dir))
     logger.info("Wrote eval folder %s", output_dir)
     print(report)
     return output_dir

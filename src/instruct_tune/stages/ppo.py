@@ -27,7 +27,13 @@ from instruct_tune.models.sampling import encode_prompts
 from instruct_tune.ppo.models import POLICY, build_ppo_models
 from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, train_eval_sets
-from instruct_tune.stages.runner import checkpoint_to_resume, configure_logging, write_run_folder
+from instruct_tune.stages.runner import (
+    checkpoint_to_resume,
+    configure_logging,
+    push_run_folder,
+    take_push_request,
+    write_run_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,7 @@ def save_policy(
 def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
     """Train the PPO policy and write its run folder; returns the folder."""
     configure_logging(args)
+    push_to = take_push_request(args)
     set_seed(args.seed)
     if not args.reward_model_path:
         raise ConfigError("reward_model_path: set it to the reward stage's run folder")
@@ -156,5 +163,8 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
             lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
         )
     trainer.accelerator.wait_for_everyone()
+    main_process = trainer.accelerator.is_main_process
     trainer.accelerator.end_training()  # closes the trackers (and the process group): nothing may follow
+    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
+        push_run_folder(output_dir, push_to, args)
     return output_dir

@@ -60,7 +60,13 @@ from instruct_tune.models.reward import (
 )
 from instruct_tune.models.sampling import sample_texts
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
-from instruct_tune.stages.runner import configure_logging, finish_run, run_training
+from instruct_tune.stages.runner import (
+    configure_logging,
+    finish_run,
+    push_run_folder,
+    run_training,
+    take_push_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -613,6 +619,7 @@ def run_reward(
 ) -> Path:
     """Train the reward model, evaluate and normalise it, and write its run folder; returns the folder."""
     configure_logging(training_args)
+    push_to = take_push_request(training_args)
     set_seed(training_args.seed)
     training_args.disable_dropout = model_args.disable_dropout
     source = model_args.model_name_or_path
@@ -714,4 +721,5 @@ def run_reward(
             table = calibration_markdown(calibration)
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
+        push_run_folder(output_dir, push_to, training_args)
     return output_dir

@@ -11,7 +11,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
-from instruct_tune.config import resolved_config, save_config
+from instruct_tune.config import ConfigError, resolved_config, save_config
+from instruct_tune.hub import PushError, check_repo_id, push_folder
 from instruct_tune.models.loading import adapter_chain
 
 logger = logging.getLogger(__name__)
@@ -112,3 +113,37 @@ def finish_run(
         metrics=metrics,
         lineage={"initialised from": source} if adapters else {},
     )
+
+
+def take_push_request(args: TrainingArguments) -> str | None:
+    """The repo a stage pushes its finished run folder to (`push_to_hub` + `hub_model_id`), checked now.
+
+    The Trainer's own push is switched off: it would push checkpoints and its own card on every save. The
+    stage pushes once at the end with `push_run_folder` (one commit: model or adapter, tokenizer, card).
+    """
+    if not args.push_to_hub:
+        return None
+    if not args.hub_model_id:
+        raise ConfigError("push_to_hub: true needs hub_model_id: the repo to push to, as owner/name")
+    try:
+        check_repo_id(args.hub_model_id)
+    except PushError:
+        raise ConfigError(
+            f"hub_model_id: {args.hub_model_id!r} is not a Hub repo id: use owner/name, e.g. my-user/tiny-ppo"
+        ) from None
+    args.push_to_hub = False
+    return args.hub_model_id
+
+
+def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingArguments) -> None:
+    """Push the finished run folder when the config asked for it (see `take_push_request`)."""
+    if repo_id is None:
+        return
+    try:
+        _, url = push_folder(output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision)
+    except PushError as error:
+        raise PushError(
+            f"{error}. The run folder {output_dir} is complete: push it later with "
+            f"`instruct-tune push {output_dir} --repo-id {repo_id}`"
+        ) from None
+    logger.info("Pushed %s to %s", output_dir, url)

@@ -20,7 +20,13 @@ from trl import SFTTrainer
 from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
-from instruct_tune.stages.runner import configure_logging, finish_run, run_training
+from instruct_tune.stages.runner import (
+    configure_logging,
+    finish_run,
+    push_run_folder,
+    run_training,
+    take_push_request,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
 def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
     """Train the SFT policy and write its run folder; returns the folder."""
     configure_logging(training_args)
+    push_to = take_push_request(training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss
@@ -78,7 +85,7 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         if data_args.per_task_metrics:
             metrics.update(per_task_eval(trainer, eval_set))
     trainer.log_metrics("all", metrics)
-    return finish_run(
+    output_dir = finish_run(
         trainer,
         stage="sft",
         configs=(training_args, data_args, model_args),
@@ -86,3 +93,6 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         datasets=[source.path for source in data_sources(data_args)],
         metrics=metrics,
     )
+    if trainer.is_world_process_zero():
+        push_run_folder(output_dir, push_to, training_args)
+    return output_dir
