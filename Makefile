@@ -5,6 +5,7 @@
 #   make rlhf FORCE=1       redo every stage (each previous folder is kept as <stage>.previous)
 #   make rlhf MODEL=openai-community/gpt2 CONFIG=recipes/configs/gpt2-alpaca RUN=gpt2    a real setup
 #   make test               run the test suite (what CI runs)
+#   make bench              benchmarks against TRL on CPU (bench/results/{sft,ppo,machine}.json; ~30 min)
 #   make sft | reward | ppo | ppo-ptx | eval    one stage (and the missing ones before it)
 # A stage whose run folder is finished is skipped unless a stage it reads was redone since. A failed stage
 # stops the chain naming itself and leaves the earlier stages' folders as they were: re-run to continue.
@@ -20,7 +21,8 @@ PTX ?=
 FORCE ?=
 # PPO-ptx weight of the pretraining LM loss (InstructGPT's gamma); the text comes from the ppo config's ptx_dataset.
 PTX_COEF ?= 0.5
-OUT ?= outputs/$(RUN)
+# Not from the environment (a shell may export OUT for something else); `make rlhf OUT=dir` still works.
+OUT := outputs/$(RUN)
 MODEL_FLAG := $(if $(MODEL),--model_name_or_path $(MODEL),)
 SEED_FLAG := $(if $(SEED),--seed $(SEED),)
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -53,7 +55,7 @@ define stage
 	@$(3) || { rc=$$?; echo "make: stage '$(1)' failed (exit $$rc); the earlier stages' folders in $(OUT)/ are untouched. Fix the cause and re-run the same command: finished stages are skipped (a training stage resumes from its last checkpoint)." >&2; exit $$rc; }
 endef
 
-.PHONY: rlhf install test lint sft reward ppo ppo-ptx eval tiny help
+.PHONY: rlhf install test lint bench sft reward ppo ppo-ptx eval tiny help
 # FORCE=1: every stage's finished-file counts as out of date, so the whole chain runs again.
 ifneq ($(FORCE),)
 .PHONY: $(SFT_DONE) $(REWARD_DONE) $(PPO_DONE) $(PTX_DONE) $(EVAL_DONE)
@@ -76,6 +78,11 @@ lint: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
+# made on first use), then the machine's matmul peak and our SFT's share of it. Run on a quiet machine.
+bench: install tiny
+	cd bench && ../$(BIN)/python sft.py && ../$(BIN)/python ppo.py && ../$(BIN)/python machine.py
 
 tiny: install
 	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2

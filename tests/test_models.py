@@ -548,3 +548,8 @@ def test_adapter_folder_cannot_be_loaded_in_4bit(
     args = ModelArguments(model_name_or_path=str(adapter_dir), use_peft=True, load_in_4bit=True)
     with pytest.raises(ValueError, match="cannot be merged into a 4-bit base"):
         load_model(args, tiny_tokenizer)
+
+
+def test_a_missing_local_folder_is_named_not_sent_to_the_hub() -> None:
+    with pytest.raises(FileNotFoundError, match="outputs/no-such-run/sft: no such folder"):
+        load_tokenizer(ModelArguments(model_name_or_path="outputs/no-such-run/sft"))

@@ -24,6 +24,7 @@ from transformers import (
 )
 from trl import get_quantization_config
 
+from instruct_tune.artifacts import is_hub_id
 from instruct_tune.config import ModelArguments
 from instruct_tune.models.chat_template import ensure_chat_template
 from instruct_tune.models.lora_targets import lora_target_modules
@@ -83,11 +84,21 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
     return True
 
 
+def require_source(source: str) -> None:
+    """Fail with the path named when `source` is neither an existing folder nor shaped like a Hub id."""
+    if not Path(source).exists() and not is_hub_id(source):
+        raise FileNotFoundError(
+            f"{source}: no such folder (and not a Hub id, which reads owner/name): check the path, or run the "
+            "stage that writes it first"
+        )
+
+
 def load_tokenizer(model_args: ModelArguments, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer with a pad token distinct from EOS and a chat template."""
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source is None:
         raise ValueError("model_name_or_path is not set: give a Hub id, a local checkpoint or a run folder")
+    require_source(source)
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )

@@ -1,0 +1,137 @@
+"""PPO episodes/s and peak RSS: our PPO stage against trl==1.12.0's `PPOTrainer`, same models and settings.
+
+    python bench/ppo.py [--episodes 256] [--repeats 2]        (`make bench` runs it; it makes the trl venv)
+
+Both sides start from the same ~11M-parameter GPT-2 (random weights, the memory benchmark's tokenizer), sample
+24-token answers at temperature 1 to the tiny task's prompts with rollout batch 64, 4 minibatches, 4 PPO epochs,
+learning rate 1e-5, on CPU in fp32, each run in a fresh process, the sides alternating within each repeat.
+Ours (`ours`): `recipes/ppo.py` with LoRA r16 policy and value on one shared frozen base that also carries
+the reference and a LoRA reward model; `ours_full`: full fine-tuning of the same GPT-2 (policy, reference,
+value and reward model separate). The peer, in its own venv (bench/.venv-trl112): TRL's
+layout with four full models (policy, reference, reward and value), and the same with a LoRA r16 policy
+(`peft_config`: the reference is the policy with its adapter off; reward and value stay full models).
+Time is each side's own training time (our `train_runtime`, the peer's `trainer.train()`); peak RSS is the
+process's. Writes bench/results/ppo.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import REPO, WORK, machine, run_timed, summary, write_result
+from ppo_memory import build_folders
+
+PEER_VENV = REPO / "bench" / ".venv-trl112"
+PEER_PACKAGES = ["trl==1.12.0", "transformers==5.24.0", "peft==0.21.2", "accelerate==1.15.0", "datasets==5.2.0"]
+PROMPTS = REPO / "data" / "tiny" / "prompts.jsonl"
+
+
+def peer_python() -> Path:
+    """The trl 1.12 venv's python, made on first use (torch from this machine's CPU wheel)."""
+    python = PEER_VENV / "bin" / "python"
+    if not python.is_file():
+        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)
+    return python
+
+
+def models(n_embd: int, n_layer: int) -> tuple[Path, Path, Path, int]:
+    work = WORK / f"ppo-{n_embd}x{n_layer}"
+    if not (work / "reward" / "reward_normalization.json").is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        build_folders(work, n_embd, n_layer)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(work / "base")
+    n_params = 12 * config.n_layer * config.n_embd**2 + (config.vocab_size + config.n_positions) * config.n_embd
+    return work / "base", work / "sft", work / "reward", n_params
+
+
+PHASES: dict[str, list[float]] = {}  # our per-step time split, for the profile line
+
+
+def ours(sft: Path, reward: Path, a: argparse.Namespace, lora: bool) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as out:
+        _, rss = run_timed([
+            sys.executable, str(REPO / "recipes/ppo.py"), "--model_name_or_path", str(sft),
+            "--reward_model_path", str(reward), "--use_peft", str(lora).lower(), "--lora_r", "16", "--lora_alpha", "32",
+            "--dataset_name", str(PROMPTS), "--eval_fraction", "0", "--output_dir", out,
+            "--total_episodes", str(a.episodes), "--rollout_batch_size", str(a.batch),
+            "--num_mini_batches", str(a.mini_batches), "--ppo_epochs", str(a.ppo_epochs),
+            "--max_new_tokens", str(a.response_length), "--temperature", "1.0", "--learning_rate", "1e-5",
+            "--eval_samples", "0", "--sample_steps", "0", "--save_steps", "0", "--report_to", "none",
+            "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "0",
+        ])  # fmt: skip
+        seconds = json.loads((Path(out) / "metrics.json").read_text())["train_runtime"]
+        log = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+        for key in ("time/generate_s", "time/train_s"):
+            PHASES.setdefault(f"{'lora' if lora else 'full'} {key}", []).extend(r[key] for r in log if key in r)
+    return a.episodes / seconds, rss
+
+
+def peer(python: Path, base: Path, a: argparse.Namespace, lora_r: int) -> tuple[float, float]:
+    stdout, rss = run_timed([
+        str(python), str(REPO / "bench/peers/trl112_ppo.py"), "--policy", str(base), "--reward", str(base),
+        "--value", str(base), "--prompts", str(PROMPTS), "--episodes", str(a.episodes), "--batch", str(a.batch),
+        "--mini_batches", str(a.mini_batches), "--ppo_epochs", str(a.ppo_epochs),
+        "--response_length", str(a.response_length), "--lora_r", str(lora_r),
+    ])  # fmt: skip
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return result["episodes"] / result["seconds"], rss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in (("episodes", 256), ("batch", 64), ("mini_batches", 4), ("ppo_epochs", 4),
+                          ("response_length", 24), ("repeats", 2), ("n_embd", 384), ("n_layer", 6)):  # fmt: skip
+        parser.add_argument(f"--{name}", type=int, default=default)
+    a = parser.parse_args()
+    python = peer_python()
+    base, sft, reward, n_params = models(a.n_embd, a.n_layer)
+    sides = ("ours", "ours_full", "trl112", "trl112_lora")
+    speed: dict[str, list[float]] = {side: [] for side in sides}
+    rss: dict[str, list[float]] = {side: [] for side in sides}
+    for _ in range(a.repeats):  # alternate the sides within each repeat
+        for side in sides:
+            if side.startswith("ours"):
+                eps, peak = ours(base if side == "ours_full" else sft, reward, a, lora=side == "ours")
+            else:
+                eps, peak = peer(python, base, a, 16 if side == "trl112_lora" else 0)
+            speed[side].append(eps)
+            rss[side].append(peak)
+            print(f"{side:12s} {eps:7.2f} episodes/s  peak RSS {peak:7.0f} MB", flush=True)
+    table = {side: summary(values) for side, values in speed.items()}
+    result = {
+        "episodes_per_s_ours": table["ours"]["median"],
+        "episodes_per_s_trl112": table["trl112"]["median"],
+        "episodes_per_s_trl112_lora": table["trl112_lora"]["median"],
+        "episodes_per_s_ours_full": table["ours_full"]["median"],
+        "peak_rss_mb_ours_full": max(rss["ours_full"]),
+        "our_step_seconds": {key: summary(values) for key, values in PHASES.items()},
+        "peak_rss_mb_ours": max(rss["ours"]),
+        "peak_rss_mb_trl112": max(rss["trl112"]),
+        "peak_rss_mb_trl112_lora": max(rss["trl112_lora"]),
+        "ratio_vs_trl112": table["ours"]["median"] / table["trl112"]["median"],
+        "ratio_vs_trl112_lora": table["ours"]["median"] / table["trl112_lora"]["median"],
+        "rss_ratio_vs_trl112": max(rss["ours"]) / max(rss["trl112"]),
+        "rss_ratio_vs_trl112_lora": max(rss["ours"]) / max(rss["trl112_lora"]),
+        "episodes_per_s": table,
+        "runs": speed,
+        "peak_rss_mb_runs": rss,
+        "settings": {"model_parameters_approx": n_params, **vars(a)},
+        "machine": machine(),
+    }
+    for side, s in table.items():
+        print(f"{side:12s} episodes/s min {s['min']:6.2f} median {s['median']:6.2f} max {s['max']:6.2f}  "
+              f"peak RSS {max(rss[side]):6.0f} MB  ours/this x{table['ours']['median'] / s['median']:.2f}")  # fmt: skip
+    write_result("ppo", result)
+
+
+if __name__ == "__main__":
+    main()
