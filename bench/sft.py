@@ -2,8 +2,9 @@
 
     python bench/sft.py [--steps 20] [--repeats 2]        (`make bench` runs it)
 
-Both sides train the same ~11M-parameter GPT-2 (tiny default's tokenizer) on the tiny demonstrations (chats
-of 20-70 tokens: variable length), batch 32, max length 256, lr 1e-3, each run in a fresh process, the
+Both sides train the same ~11M-parameter GPT-2 (tiny default's tokenizer) on the same file of tiny
+demonstrations (the first steps x batch x 4 rows; chats of 20-70 tokens: variable length), batch 32, max
+length 256, lr 1e-3, our side with the tiny default's SFT settings, each run in a fresh process, the
 settings alternating within each repeat. Tokens are non-padding tokens as TRL counts them (`num_tokens`);
 time is the Trainer's `train_runtime`. The peer runs TRL's default (best-fit packing) and every other
 setting below; the fastest of them is `tokens_per_s_trl_fastest`. Writes bench/results/sft.json.
@@ -17,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, bench_model, machine, parameters, run_timed, summary, write_result
+from common import REPO, WORK, bench_model, machine, parameters, run_timed, summary, write_result
 
 PEER_SETTINGS = {
     "trl_default": [],
@@ -26,15 +27,25 @@ PEER_SETTINGS = {
     "trl_padding_free": ["--packing", "none", "--padding_free"],
     "trl_bfd_padding_free": ["--packing", "bfd", "--padding_free"],
 }
-DATA = "data/tiny/sft.jsonl"
+SOURCE = REPO / "data/tiny/sft.jsonl"
 
 
-def ours(model: Path, steps: int, batch: int, max_length: int) -> tuple[float, float]:
+def bench_data(rows: int) -> str:
+    """The first `rows` demonstrations as their own file: both sides read, tokenize and hold the same rows."""
+    path = WORK / f"sft-{rows}.jsonl"
+    if not path.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        with SOURCE.open() as lines:
+            path.write_text("".join(line for _, line in zip(range(rows), lines, strict=False)))
+    return str(path)
+
+
+def ours(model: Path, data: str, steps: int, batch: int, max_length: int) -> tuple[float, float]:
     """Our SFT stage (recipes/sft.py with the tiny default's settings): tokens/s and peak RSS (MB)."""
     with tempfile.TemporaryDirectory() as out:
         _, rss = run_timed([
             sys.executable, str(REPO / "recipes/sft.py"), "--config", str(REPO / "recipes/configs/tiny/sft.yaml"),
-            "--model_name_or_path", str(model), "--dataset_name", DATA, "--output_dir", out,
+            "--model_name_or_path", str(model), "--dataset_name", data, "--output_dir", out,
             "--max_steps", str(steps), "--per_device_train_batch_size", str(batch), "--max_length", str(max_length),
             "--learning_rate", "1e-3", "--logging_steps", str(steps), "--save_strategy", "no",
             "--report_to", "none", "--disable_tqdm", "true", "--max_eval_samples", "1",
@@ -45,10 +56,10 @@ def ours(model: Path, steps: int, batch: int, max_length: int) -> tuple[float, f
         return tokens / runtime, rss
 
 
-def peer(model: Path, steps: int, batch: int, max_length: int, setting: list[str]) -> tuple[float, float]:
+def peer(model: Path, data: str, steps: int, batch: int, max_length: int, setting: list[str]) -> tuple[float, float]:
     """The plain TRL script with `setting`: tokens/s and peak RSS (MB)."""
     stdout, rss = run_timed([
-        sys.executable, str(REPO / "bench/peers/trl_sft.py"), "--model", str(model), "--data", DATA,
+        sys.executable, str(REPO / "bench/peers/trl_sft.py"), "--model", str(model), "--data", data,
         "--steps", str(steps), "--batch_size", str(batch), "--max_length", str(max_length), *setting,
     ])  # fmt: skip
     result = json.loads(stdout.strip().splitlines()[-1])
@@ -63,14 +74,15 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     args = parser.parse_args()
     model = bench_model()
+    data = bench_data(args.steps * args.batch * 4)
     speed: dict[str, list[float]] = {"ours": [], **{name: [] for name in PEER_SETTINGS}}
     rss: dict[str, list[float]] = {name: [] for name in speed}
     for _ in range(args.repeats):  # alternate the sides within each repeat
         for name in speed:
             if name == "ours":
-                tokens_per_s, peak = ours(model, args.steps, args.batch, args.max_length)
+                tokens_per_s, peak = ours(model, data, args.steps, args.batch, args.max_length)
             else:
-                tokens_per_s, peak = peer(model, args.steps, args.batch, args.max_length, PEER_SETTINGS[name])
+                tokens_per_s, peak = peer(model, data, args.steps, args.batch, args.max_length, PEER_SETTINGS[name])
             speed[name].append(tokens_per_s)
             rss[name].append(peak)
     table = {name: summary(values) for name, values in speed.items()}
@@ -90,7 +102,8 @@ def main() -> None:
         "peak_rss_mb": {name: max(values) for name, values in rss.items()},
         "runs": speed,
         "settings": {"model_parameters": n_params, "steps": args.steps, "batch": args.batch,
-                     "max_length": args.max_length, "data": DATA, "repeats": args.repeats},
+                     "max_length": args.max_length, "data": f"first {args.steps * args.batch * 4} rows of data/tiny/sft.jsonl",
+                     "repeats": args.repeats},
         "machine": machine(),
     }  # fmt: skip
     for name, s in table.items():
