@@ -306,6 +306,19 @@ def test_push_to_hub_in_a_stage_config(tiny_model_dir: Path, tiny_sft_file: Path
     assert TOKEN not in run.stdout + run.stderr
 
 
+def test_card_carries_the_base_license_and_hub_id(tmp_path: Path) -> None:
+    """A stage trained from a run folder takes the license and Hub base its card declares."""
+    from instruct_tune.artifacts import write_model_card
+
+    first, second = tmp_path / "sft", tmp_path / "ppo"
+    first.mkdir(), second.mkdir()
+    write_model_card(first, stage="sft", base_model="openai-community/gpt2", is_adapter=True, license="mit")
+    write_model_card(second, stage="ppo", base_model=str(first), is_adapter=True)
+    data = ModelCard.load(second / "README.md").data
+    assert data.license == "mit" and data.base_model == "openai-community/gpt2"
+    assert f"`{first}`" in (second / "README.md").read_text()  # the local lineage stays in the body
+
+
 # --- merge, generate, chat ------------------------------------------------------------------------------
 
 
