@@ -82,7 +82,7 @@ test: install
 # SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
 # made on first use), then the machine's matmul peak and our SFT's share of it. Run on a quiet machine.
 bench: install tiny
-	cd bench && ../$(BIN)/python sft.py && ../$(BIN)/python ppo.py && ../$(BIN)/python machine.py
+	$(BIN)/python bench/sft.py && $(BIN)/python bench/ppo.py && $(BIN)/python bench/machine.py
 
 tiny: install
 	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2

@@ -41,7 +41,9 @@ def parameters(model_dir: Path) -> int:
 
 def run_timed(command: list[str], env: dict | None = None) -> tuple[str, float]:
     """Run `command` in a fresh process; returns its stdout and peak RSS in MB (from /usr/bin/time)."""
-    out = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *command], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        ["/usr/bin/time", "-f", "MAXRSS_KB %M", *command], capture_output=True, text=True, env=env, cwd=REPO
+    )  # from the repo root: configs name their data relative to it
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
     rss = int(re.findall(r"MAXRSS_KB (\d+)", out.stderr)[-1]) / 1024
