@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, WORK, machine, run_timed, summary, write_result
+from common import REPO, WORK, machine, parameters, run_timed, summary, write_result
 from ppo_memory import build_folders
 
 PEER_VENV = REPO / "bench" / ".venv-trl112"
@@ -46,17 +46,11 @@ def models(n_embd: int, n_layer: int) -> tuple[Path, Path, Path, int]:
     if not (work / "reward" / "reward_normalization.json").is_file():
         work.mkdir(parents=True, exist_ok=True)
         build_folders(work, n_embd, n_layer)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(work / "base")
-    n_params = 12 * config.n_layer * config.n_embd**2 + (config.vocab_size + config.n_positions) * config.n_embd
-    return work / "base", work / "sft", work / "reward", n_params
+    return work / "base", work / "sft", work / "reward", parameters(work / "base")
 
 
-PHASES: dict[str, list[float]] = {}  # our per-step time split, for the profile line
-
-
-def ours(sft: Path, reward: Path, a: argparse.Namespace, lora: bool) -> tuple[float, float]:
+def ours(sft: Path, reward: Path, a: argparse.Namespace, lora: bool) -> tuple[float, float, dict[str, list[float]]]:
+    """Episodes/s, peak RSS (MB) and the per-step time split (`time/*` of our PPO log) of one run."""
     with tempfile.TemporaryDirectory() as out:
         _, rss = run_timed([
             sys.executable, str(REPO / "recipes/ppo.py"), "--model_name_or_path", str(sft),
@@ -70,9 +64,8 @@ def ours(sft: Path, reward: Path, a: argparse.Namespace, lora: bool) -> tuple[fl
         ])  # fmt: skip
         seconds = json.loads((Path(out) / "metrics.json").read_text())["train_runtime"]
         log = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
-        for key in ("time/generate_s", "time/train_s"):
-            PHASES.setdefault(f"{'lora' if lora else 'full'} {key}", []).extend(r[key] for r in log if key in r)
-    return a.episodes / seconds, rss
+    phases = {key: [r[key] for r in log if key in r] for key in ("time/generate_s", "time/train_s")}
+    return a.episodes / seconds, rss, phases
 
 
 def peer(python: Path, base: Path, a: argparse.Namespace, lora_r: int) -> tuple[float, float]:
@@ -97,10 +90,13 @@ def main() -> None:
     sides = ("ours", "ours_full", "trl112", "trl112_lora")
     speed: dict[str, list[float]] = {side: [] for side in sides}
     rss: dict[str, list[float]] = {side: [] for side in sides}
+    phases: dict[str, list[float]] = {}  # our per-step time split, for the profile line
     for _ in range(a.repeats):  # alternate the sides within each repeat
         for side in sides:
             if side.startswith("ours"):
-                eps, peak = ours(base if side == "ours_full" else sft, reward, a, lora=side == "ours")
+                eps, peak, steps = ours(base if side == "ours_full" else sft, reward, a, lora=side == "ours")
+                for key, values in steps.items():
+                    phases.setdefault(f"{'lora' if side == 'ours' else 'full'} {key}", []).extend(values)
             else:
                 eps, peak = peer(python, base, a, 16 if side == "trl112_lora" else 0)
             speed[side].append(eps)
@@ -113,7 +109,7 @@ def main() -> None:
         "episodes_per_s_trl112_lora": table["trl112_lora"]["median"],
         "episodes_per_s_ours_full": table["ours_full"]["median"],
         "peak_rss_mb_ours_full": max(rss["ours_full"]),
-        "our_step_seconds": {key: summary(values) for key, values in PHASES.items()},
+        "our_step_seconds": {key: summary(values) for key, values in phases.items()},
         "peak_rss_mb_ours": max(rss["ours"]),
         "peak_rss_mb_trl112": max(rss["trl112"]),
         "peak_rss_mb_trl112_lora": max(rss["trl112_lora"]),
@@ -124,7 +120,7 @@ def main() -> None:
         "episodes_per_s": table,
         "runs": speed,
         "peak_rss_mb_runs": rss,
-        "settings": {"model_parameters_approx": n_params, **vars(a)},
+        "settings": {"model_parameters": n_params, **vars(a)},
         "machine": machine(),
     }
     for side, s in table.items():
