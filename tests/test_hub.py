@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from instruct_tune.artifacts import write_model_card
 from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig
 from instruct_tune.export import MergeError, merge_run_folder
 from instruct_tune.generate import read_prompts
@@ -308,8 +309,6 @@ def test_push_to_hub_in_a_stage_config(tiny_model_dir: Path, tiny_sft_file: Path
 
 def test_card_carries_the_base_license_and_hub_id(tmp_path: Path) -> None:
     """A stage trained from a run folder takes the license and Hub base its card declares."""
-    from instruct_tune.artifacts import write_model_card
-
     first, second = tmp_path / "sft", tmp_path / "ppo"
     first.mkdir(), second.mkdir()
     write_model_card(first, stage="sft", base_model="openai-community/gpt2", is_adapter=True, license="mit")

@@ -179,11 +179,11 @@ def append_to_card(output_dir: str | Path, title: str, body: str) -> Path:
     path = Path(output_dir) / CARD_FILE
     card = ModelCard.load(path)
     heading = f"\n## {title}\n"
-    text = card.text.rstrip()
-    if heading in text + "\n":
-        start = (text + "\n").index(heading)
-        end = text.find("\n## ", start + len(heading) - 1)
+    text = card.text.rstrip() + "\n"
+    start = text.find(heading)
+    if start != -1:  # drop the old section: up to the next `## ` heading or the end
+        end = text.find("\n## ", start + 1)
         text = text[:start] + (text[end:] if end != -1 else "")
-    card.text = text.rstrip() + f"\n{heading}{body.strip()}\n"
+    card.text = f"{text.rstrip()}\n{heading}{body.strip()}\n"
     card.save(path)
     return path
