@@ -220,6 +220,41 @@ def test_samples_and_config(eval_run: Path) -> None:
     assert config.policy_names == ["ppo", "sft_copy"] and config.max_new_tokens == 16
 
 
+def test_several_samples_per_prompt(
+    eval_run: Path, tiny_model_dir, ppo_folder, reward_folder, data_files, tmp_path
+) -> None:
+    """3 draws a prompt: every sampled figure averages over all 3 x N answers, greedy figures are unchanged."""
+    out = tmp_path / "three"
+    run_eval(
+        eval_args(
+            out, tiny_model_dir, ppo_folder, reward_folder, data_files, samples_per_prompt=3, ptx_eval_dataset=None
+        )
+    )
+    m, once = read_metrics(out), read_metrics(eval_run)
+    assert m["eval_prompts"] == N_PROMPTS and m["samples_per_prompt"] == 3
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    ppo = [r for r in rows if r["policy"] == "ppo" and r["decoding"] == "sampled"]
+    sft = [r for r in rows if r["policy"] == "sft" and r["decoding"] == "sampled"]
+    assert len(ppo) == 3 * N_PROMPTS and len(rows) == 3 * (3 + 1) * N_PROMPTS
+    assert sorted({(r["index"], r["sample"]) for r in ppo}) == [(i, s) for i in range(N_PROMPTS) for s in range(3)]
+    # the draws differ: a policy sampling at temperature 1 does not say the same thing three times
+    assert len({(r["index"], r["response"]) for r in ppo}) > N_PROMPTS
+    assert sum(r["gold"] for r in ppo) / len(ppo) == pytest.approx(m["ppo/gold_mean"])
+    assert sum(r["kl"] for r in ppo) / len(ppo) == pytest.approx(m["kl_ppo_vs_sft"])
+    pairs = {(r["index"], r["sample"]): r["gold"] for r in sft}
+    wins = [
+        0.5 if abs(r["gold"] - pairs[(r["index"], r["sample"])]) <= 1e-9 else float(r["gold"] > pairs[(r["index"], r["sample"])])
+        for r in ppo
+    ]
+    assert sum(wins) / len(wins) == pytest.approx(m["win_rate_vs_sft_gold"])
+    assert m["sft_copy/win_rate_vs_sft_gold"] == 0.5 and m["sft_copy/kl_vs_sft"] == pytest.approx(0.0, abs=1e-4)
+    for key in ("greedy/win_rate_vs_sft_gold", "greedy/win_rate_vs_sft_rm", "greedy/gold_mean_ppo"):
+        assert m[key] == pytest.approx(once[key])
+    assert "3 sampled responses" in (out / "results.md").read_text()
+    with pytest.raises(ConfigError, match="samples_per_prompt"):
+        eval_args(out, tiny_model_dir, ppo_folder, reward_folder, data_files, samples_per_prompt=0)
+
+
 def test_same_seeds_give_the_same_numbers(eval_run: Path, tmp_path: Path) -> None:
     """A second run, through the console script and the first run's saved config: the same metrics."""
     out = tmp_path / "again"

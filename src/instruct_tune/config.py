@@ -338,6 +338,13 @@ class EvalStageConfig:
     temperature: float = field(
         default=1.0, metadata={"help": "Sampling temperature (the PPO training one); the KL uses it too."}
     )
+    samples_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "Sampled answers per prompt and policy (batch seeds differ): every figure averages over all "
+            "of them, so a win rate on N prompts carries less sampling noise. Greedy answers once."
+        },
+    )
     greedy: bool = field(default=True, metadata={"help": "Also answer greedily and report it beside sampling."})
     batch_size: int = field(default=64, metadata={"help": "Prompts (or texts) per forward or generate call."})
     seed: int = field(default=42, metadata={"help": "Sampling seed: batch i is sampled with seed + i x batch_size."})
@@ -352,7 +359,7 @@ class EvalStageConfig:
             raise ConfigError(
                 f"policy_names: {len(self.policy_names)} names for {len(self.policy_paths)} policy_paths"
             )
-        for name in ("max_new_tokens", "batch_size", "ptx_eval_max_length"):
+        for name in ("max_new_tokens", "batch_size", "ptx_eval_max_length", "samples_per_prompt"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
         for name in ("max_samples", "ptx_eval_rows"):

@@ -4,7 +4,8 @@
     python recipes/eval.py --config recipes/configs/tiny/eval.yaml --policy_paths outputs/tiny/ppo outputs/tiny/ppo-ptx
 
 Win rate, defined once (DESIGN.md): for every held-out prompt, one response from each policy with the same
-decoding (sampled at the training temperature with fixed seeds; greedy reported beside it); a judge compares
+decoding (sampled at the training temperature with fixed seeds, `samples_per_prompt` draws of them, each judged
+on its own; greedy reported beside it); a judge compares
 each policy's response with the SFT policy's; ties count half. Two judges: the reward model (higher
 normalised score wins) and, where the task has one, the gold judge (`instruct_tune.tiny.task.gold_compare`;
 a dataset has one when every prompt parses as a tiny-task prompt).
@@ -74,6 +75,10 @@ class EvalPrompts:
     @property
     def families(self) -> list[str]:
         return sorted(set(self.tasks))
+
+    def repeated(self, times: int) -> EvalPrompts:
+        """The prompts `times` over, one copy after another (row i is prompt i % len, sample i // len)."""
+        return EvalPrompts(self.messages * times, self.texts * times, self.tasks * times, self.has_gold)
 
 
 def last_user_text(messages: Sequence[Mapping[str, str]]) -> str:
@@ -158,6 +163,11 @@ class Answers:
     ended: list[bool] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
     kl: list[float] | None = None
+
+    def repeated(self, times: int) -> Answers:
+        """These answers `times` over, aligned with `EvalPrompts.repeated` (a greedy answer never changes)."""
+        kl = self.kl * times if self.kl is not None else None
+        return Answers(self.texts * times, self.ended * times, self.lengths * times, kl)
 
 
 @torch.no_grad()
@@ -395,7 +405,8 @@ def results_markdown(
     parts = [
         "# Evaluation against the SFT policy",
         "",
-        f"{len(prompts.texts)} held-out prompts from `{args.dataset_name}`, one response per policy; "
+        f"{len(prompts.texts)} held-out prompts from `{args.dataset_name}`, "
+        f"{_answers_per_prompt(args.samples_per_prompt)} per policy; "
         f"judged by {judge} against the SFT policy's response to the same prompt (ties count half). "
         f"Reward model: `{args.reward_model_path}`. Up to {args.max_new_tokens} new tokens.",
         "",
@@ -425,6 +436,12 @@ def results_markdown(
     if plots:
         parts += ["", "## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots]]
     return "\n".join(parts) + "\n"
+
+
+def _answers_per_prompt(times: int) -> str:
+    if times == 1:
+        return "one response"
+    return f"{times} sampled responses (each against the SFT policy's response of the same draw) and one greedy"
 
 
 def card_section(report: str, output_dir: Path) -> str:
@@ -529,12 +546,16 @@ def run_eval(args: EvalStageConfig) -> Path:
     names = check_paths(args)
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
-    prompts = load_prompts(args)
+    distinct = load_prompts(args)
+    times = args.samples_per_prompt
+    # Every answer list below is aligned with `prompts`: the distinct prompts `times` over.
+    prompts = distinct.repeated(times)
     logger.info(
-        "Evaluating on %d prompts (%s); gold judge: %s",
-        len(prompts.texts),
-        ", ".join(prompts.families),
-        "yes" if prompts.has_gold else "no (reward model only)",
+        "Evaluating on %d prompts (%s), %d sampled answers each; gold judge: %s",
+        len(distinct.texts),
+        ", ".join(distinct.families),
+        times,
+        "yes" if distinct.has_gold else "no (reward model only)",
     )
     decodings = {SAMPLED: args.temperature, **({GREEDY: 0.0} if args.greedy else {})}
     folders = {SFT: args.sft_path, **dict(zip(names, args.policy_paths, strict=True))}
@@ -556,16 +577,17 @@ def run_eval(args: EvalStageConfig) -> Path:
             check_tokenizers(sft_tokenizer, tokenizer, folder)
         for decoding, temperature in decodings.items():
             reference = sft_model if decoding == SAMPLED and name != SFT else None
-            answers[(name, decoding)] = generate(
+            run = generate(
                 model,
                 tokenizer,
-                prompts.messages,
+                (prompts if decoding == SAMPLED else distinct).messages,
                 max_new_tokens=args.max_new_tokens,
                 temperature=temperature,
                 seed=args.seed,
                 batch_size=args.batch_size,
                 reference=reference,
             )
+            answers[(name, decoding)] = run if decoding == SAMPLED else run.repeated(times)
         if name == SFT:
             answers[(SFT, SAMPLED)].kl = [0.0] * len(prompts.texts)  # sum of log pi_sft - log pi_sft
         if text_ids:
@@ -600,9 +622,9 @@ def run_eval(args: EvalStageConfig) -> Path:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(output_dir, args)
-    meta = {"eval_prompts": len(prompts.texts), "gold_judge": prompts.has_gold}
+    meta = {"eval_prompts": len(distinct.texts), "samples_per_prompt": times, "gold_judge": prompts.has_gold}
     write_metrics(output_dir, metrics_for(per_policy, names[0], meta))
-    write_samples(output_dir / SAMPLES_FILE, prompts, answers, rewards)
+    write_samples(output_dir / SAMPLES_FILE, prompts, answers, rewards, len(distinct.texts))
 
     plots = []
     logs = {name: training_log(folder) for name, folder in folders.items() if name != SFT}
@@ -613,7 +635,7 @@ def run_eval(args: EvalStageConfig) -> Path:
     if prompts.has_gold:
         plot_families(output_dir / FAMILY_PLOT, per_policy, prompts.families)
         plots.append(FAMILY_PLOT)
-    report = results_markdown(args, prompts, per_policy, folders, plots)
+    report = results_markdown(args, distinct, per_policy, folders, plots)
     (output_dir / RESULTS_FILE).write_text(report)
     for name, folder in folders.items():
         if name != SFT and (Path(folder) / CARD_FILE).is_file():
@@ -628,15 +650,24 @@ def write_samples(
     prompts: EvalPrompts,
     answers: Mapping[tuple[str, str], Answers],
     rewards: Mapping[tuple[str, str], list[float]],
+    distinct: int | None = None,
 ) -> None:
-    """One JSON line per (policy, decoding, prompt): the response and its scores."""
+    """One JSON line per (policy, decoding, prompt, sample): the response and its scores.
+
+    `prompts` holds `distinct` prompts repeated; a row names its prompt `index` and `sample` draw; a greedy
+    answer is written once."""
+    distinct = distinct or len(prompts.texts)
     with path.open("w") as out:
         for (name, decoding), run in answers.items():
             for i, text in enumerate(run.texts):
+                sample = i // distinct
+                if decoding != SAMPLED and sample > 0:
+                    break
                 row: dict[str, Any] = {
                     "policy": name,
                     "decoding": decoding,
-                    "index": i,
+                    "index": i % distinct,
+                    "sample": sample,
                     "task": prompts.tasks[i],
                     "prompt": prompts.texts[i],
                     "response": text,
