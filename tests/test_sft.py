@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTTrainer
 
-from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig, parse_args
+from instruct_tune.config import ConfigError, DataArguments, ModelArguments, SFTStageConfig, parse_args
+from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator, row_position_ids
 from instruct_tune.models import DEFAULT_CHAT_TEMPLATE, load_model, load_tokenizer
 from instruct_tune.stages.runner import checkpoint_to_resume
 from instruct_tune.stages.sft import run_sft, sft_datasets
@@ -461,3 +462,55 @@ def test_accelerate_launch_two_processes(tiny_model_dir: Path, tiny_sft_file: Pa
     assert state["global_step"] == math.ceil(rows / (2 * batch)) == math.ceil(rows / batch) // 2
     assert state["epoch"] == pytest.approx(1.0)
     assert_finite_number(read_json(run_dir / "metrics.json")["train_loss"], "train_loss")
+
+
+# --- packing in separate rows --------------------------------------------------------------------------
+
+
+def test_row_packed_collator_positions_labels_and_count() -> None:
+    batch = RowPackedCollator(pad_token_id=0)(
+        [
+            {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, -100, 9], "seq_lengths": [3, 2]},
+            {"input_ids": [3, 4], "labels": [3, 4], "seq_lengths": [2]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [3, 4, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    # first token of each chat and all padding never count as targets
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 4, -100, -100, -100]]
+    assert batch[REAL_TOKENS].item() == 7 and "attention_mask" not in batch
+    with pytest.raises(ValueError, match="does not fit"):
+        row_position_ids([3, 4], 6)
+
+
+def test_rows_keep_chats_apart(tiny_model_dir: Path) -> None:
+    """A chat packed behind another gets exactly the logits it gets alone: no attention across chats."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    first, second = torch.arange(3, 12), torch.arange(20, 27)
+    batch = RowPackedCollator(pad_token_id=0)(
+        [{"input_ids": torch.cat([first, second]).tolist(), "seq_lengths": [9, 7]}, {"input_ids": [1, 2, 3]}]
+    )
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        alone = model(input_ids=second[None]).logits
+        # the same row with one 2D mask (what wrapped packing does) lets the second chat see the first
+        mixed = model(input_ids=batch["input_ids"][:1], attention_mask=torch.ones(1, 16, dtype=torch.long)).logits
+    torch.testing.assert_close(packed[0, 9:16], alone[0], atol=1e-5, rtol=1e-5)
+    assert (mixed[0, 9:16] - alone[0]).abs().max() > 1e-2
+
+
+def test_sft_packing_per_row(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path) -> None:
+    """bfd rows train and evaluate; num_tokens counts every real token of the packed rows."""
+    training = sft_args(
+        tmp_path / "rows", max_steps=6, packing=True, packing_strategy="bfd", packing_per_row=True
+    )
+    data = DataArguments(dataset_name=str(tiny_sft_file), eval_fraction=0.1, per_task_metrics=True)
+    run_dir = run_sft(training, data, ModelArguments(model_name_or_path=str(tiny_model_dir)))
+    metrics, state = read_json(run_dir / "metrics.json"), read_json(run_dir / "trainer_state.json")
+    assert_finite_number(metrics["eval_loss"], "eval_loss")
+    assert all(f"eval_{t}_loss" in metrics for t in TASKS)
+    # 6 steps x 8 rows of up to 128 tokens: far more than 6 x 128 (what TRL's flat-row count would give)
+    tokens = max(entry.get("num_tokens", 0) for entry in state["log_history"])
+    assert 6 * 8 * 60 < tokens <= 6 * 8 * 128
+    with pytest.raises(ConfigError, match="packing_per_row"):
+        sft_args(tmp_path / "bad", packing=False, packing_per_row=True)

@@ -116,7 +116,27 @@ class DevicePrecisionDefault:
 
 @dataclass
 class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
-    """TRL's `SFTConfig`, with the bf16 default chosen per device."""
+    """TRL's `SFTConfig`, with the bf16 default chosen per device and packing in separate rows."""
+
+    packing_per_row: bool = field(
+        default=False,
+        metadata={
+            "help": "With `packing: true` (bfd): keep the packed rows as rows, each chat attending only to "
+            "itself (block-diagonal mask from restarted position ids), instead of TRL's one flat padding-free "
+            "row, whose attention without flash-attn spans the whole batch (see instruct_tune.data.row_packing)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.packing_per_row:
+            if not self.packing or self.packing_strategy not in ("bfd", "bfd_split"):
+                raise ConfigError(
+                    f"packing_per_row: needs packing: true with packing_strategy bfd (got packing: "
+                    f"{self.packing}, packing_strategy: {self.packing_strategy})"
+                )
+            if self.padding_free:
+                raise ConfigError("packing_per_row: rows are the alternative to padding_free; set one of them")
 
 
 @dataclass

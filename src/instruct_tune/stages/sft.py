@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Dataset
 from transformers import set_seed
 from trl import SFTTrainer
 
 from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
+from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
@@ -36,6 +38,29 @@ def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
     messages = example["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+class RowPackedSFTTrainer(SFTTrainer):
+    """`SFTTrainer` on bfd-packed rows collated by `RowPackedCollator` (`packing_per_row: true`).
+
+    TRL refuses a custom collator once packing is on, so the collator is swapped in after construction. TRL
+    counts a padding-free batch's tokens as the length of its one flat row; here rows are rows, so the count
+    (`num_tokens`) is corrected to the real tokens of every row.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_collator = RowPackedCollator(self.processing_class.pad_token_id)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        # Corrected before TRL adds its count inside the step, so the `num_tokens` it records is exact.
+        extra = inputs.pop(REAL_TOKENS) - inputs["position_ids"].size(1)
+        self._total_train_tokens += self.accelerator.gather_for_metrics(extra.reshape(1)).sum().item() // self._tp_size
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        inputs.pop(REAL_TOKENS, None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
 
 def sft_datasets(data_args: DataArguments, *, seed: int, completion_only: bool) -> tuple[Dataset, Dataset | None]:
@@ -72,7 +97,8 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         trust_remote_code=training_args.trust_remote_code,
         gradient_checkpointing=training_args.gradient_checkpointing,
     )
-    trainer = SFTTrainer(
+    trainer_class = RowPackedSFTTrainer if training_args.packing_per_row else SFTTrainer
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=train,
