@@ -8,6 +8,9 @@ score, and writes one ranking row (best first) per prompt with at least two answ
 
     python -m instruct_tune.tiny.policy_comparisons --policy outputs/tiny/sft --out data/tiny/comparisons_policy.jsonl
 
+A PPO run folder works the same way: as InstructGPT's later rounds collected comparisons of its RL policies'
+samples, rankings of a PPO policy's answers show the reward model the answers it overrated.
+
 Prompts come from the PPO prompt file, skipping any task of the reward model's eval comparisons so that eval
 set stays unseen. The same policy folder and arguments give the same file.
 """
@@ -90,7 +93,7 @@ def policy_comparisons(
 def main(argv: list[str] | None = None) -> int:
     """CLI: sample, rank and write the policy comparisons; print rows per family."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--policy", required=True, help="policy run folder (the SFT stage's)")
+    ap.add_argument("--policy", required=True, help="policy run folder (an SFT or PPO stage's)")
     ap.add_argument("--out", type=Path, default=Path("data/tiny/comparisons_policy.jsonl"))
     ap.add_argument("--prompts", default="data/tiny/prompts.jsonl")
     ap.add_argument("--exclude", default="data/tiny/comparisons_eval.jsonl", help="keep these tasks out")
