@@ -59,7 +59,12 @@ def machine() -> dict[str, str | int]:
 
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count() or 0, "python": platform.python_version()}
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count() or 0,
+        "python": platform.python_version(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset (torch uses every core)"),
+    }
 
 
 def write_result(name: str, result: dict) -> Path:
