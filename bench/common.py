@@ -39,10 +39,17 @@ def parameters(model_dir: Path) -> int:
     return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(model_dir).parameters())
 
 
-def run_timed(command: list[str], env: dict | None = None) -> tuple[str, float]:
-    """Run `command` in a fresh process; returns its stdout and peak RSS in MB (from /usr/bin/time)."""
+def run_timed(command: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[str, float]:
+    """Run `command` in a fresh process; returns its stdout and peak RSS in MB (from /usr/bin/time).
+
+    Raises `subprocess.TimeoutExpired` after `timeout` seconds (a stalled run must not hold up the others)."""
     out = subprocess.run(
-        ["/usr/bin/time", "-f", "MAXRSS_KB %M", *command], capture_output=True, text=True, env=env, cwd=REPO
+        ["/usr/bin/time", "-f", "MAXRSS_KB %M", *command],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
     )  # from the repo root: configs name their data relative to it
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")

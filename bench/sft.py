@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, WORK, bench_model, machine, parameters, run_timed, summary, write_result
+from common import REPO, RESULTS, WORK, bench_model, machine, parameters, run_timed, summary, write_result
 
 PEER_SETTINGS = {
     "trl_default": [],
@@ -86,7 +86,10 @@ def main() -> None:
     data = bench_data(args.steps * args.batch * 4)
     speed: dict[str, list[float]] = {name: [] for name in [*OUR_SETTINGS, *PEER_SETTINGS]}
     rss: dict[str, list[float]] = {name: [] for name in speed}
-    for _ in range(args.repeats):  # alternate the sides within each repeat
+    progress = RESULTS / "sft_runs.jsonl"  # one line per finished run, so a stalled run loses nothing before it
+    progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text("")
+    for repeat in range(args.repeats):  # alternate the sides within each repeat
         for name in speed:
             if name in OUR_SETTINGS:
                 tokens_per_s, peak = ours(model, data, args.steps, args.batch, args.max_length, OUR_SETTINGS[name])
@@ -94,6 +97,9 @@ def main() -> None:
                 tokens_per_s, peak = peer(model, data, args.steps, args.batch, args.max_length, PEER_SETTINGS[name])
             speed[name].append(tokens_per_s)
             rss[name].append(peak)
+            with progress.open("a") as f:
+                f.write(json.dumps({"repeat": repeat, "setting": name, "tokens_per_s": tokens_per_s, "peak_rss_mb": peak}) + "\n")
+            print(f"{name}: {tokens_per_s:.0f} tokens/s, peak RSS {peak:.0f} MB", flush=True)
     table = {name: summary(values) for name, values in speed.items()}
     fastest = max(PEER_SETTINGS, key=lambda n: table[n]["median"])
     best = max(OUR_SETTINGS, key=lambda n: table[n]["median"])
