@@ -21,6 +21,10 @@ parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--max_length", type=int, default=256)
 parser.add_argument("--packing", default="default", help="default (TRL's), none, bfd or wrapped")
 parser.add_argument("--padding_free", action="store_true")
+# TRL turns bf16 on whenever fp16 is off, also on a CPU: here that is bf16 autocast on a CPU without a fast bf16
+# matmul (1.34 GFLOP/s against 117.7 in fp32, bench/machine.py), which made every TRL run crawl. Both sides
+# train in fp32 unless --bf16 is given.
+parser.add_argument("--bf16", action="store_true")
 args = parser.parse_args()
 
 options = {}
@@ -35,7 +39,7 @@ if args.padding_free:
 config = SFTConfig(
     output_dir="/tmp/trl-sft-bench", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
     max_length=options.pop("max_length", args.max_length), learning_rate=1e-3, logging_steps=args.steps, save_strategy="no",
-    report_to=[], disable_tqdm=True, use_cpu=True, **options,
+    report_to=[], disable_tqdm=True, use_cpu=True, bf16=args.bf16, **options,
 )  # fmt: skip
 dataset = load_dataset("json", data_files=args.data, split="train").select(range(args.steps * args.batch_size * 4))
 trainer = SFTTrainer(
