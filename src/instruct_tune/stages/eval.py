@@ -71,14 +71,22 @@ class EvalPrompts:
     texts: list[str]
     tasks: list[str]
     has_gold: bool
+    draws: int = 1  # the distinct prompts are listed this many times over (see `repeated`)
 
     @property
     def families(self) -> list[str]:
         return sorted(set(self.tasks))
 
+    @property
+    def distinct(self) -> int:
+        """Number of distinct prompts: row i is prompt i % distinct, draw i // distinct."""
+        return len(self.texts) // self.draws
+
     def repeated(self, times: int) -> EvalPrompts:
-        """The prompts `times` over, one copy after another (row i is prompt i % len, sample i // len)."""
-        return EvalPrompts(self.messages * times, self.texts * times, self.tasks * times, self.has_gold)
+        """The prompts `times` over, one copy after another."""
+        return EvalPrompts(
+            self.messages * times, self.texts * times, self.tasks * times, self.has_gold, self.draws * times
+        )
 
 
 def last_user_text(messages: Sequence[Mapping[str, str]]) -> str:
@@ -256,13 +264,14 @@ def score_all(
 ) -> dict[tuple[str, str], list[float]]:
     """Normalised reward of every answer; each distinct (prompt, response) is scored once, so equal
     responses of two policies get exactly equal scores (a tie)."""
+    n = prompts.distinct  # a prompt's draws share its index, so a repeated answer is scored once
     unique: dict[tuple[int, str], int] = {}
     for run in answers.values():
         for i, text in enumerate(run.texts):
-            unique.setdefault((i, text), len(unique))
+            unique.setdefault((i % n, text), len(unique))
     pairs = list(unique)
     values = rm.score([prompts.messages[i] for i, _ in pairs], [t for _, t in pairs], batch_size).tolist()
-    return {key: [values[unique[(i, t)]] for i, t in enumerate(run.texts)] for key, run in answers.items()}
+    return {key: [values[unique[(i % n, t)]] for i, t in enumerate(run.texts)] for key, run in answers.items()}
 
 
 # --- metrics --------------------------------------------------------------------------------------------
@@ -624,7 +633,7 @@ def run_eval(args: EvalStageConfig) -> Path:
     save_config(output_dir, args)
     meta = {"eval_prompts": len(distinct.texts), "samples_per_prompt": times, "gold_judge": prompts.has_gold}
     write_metrics(output_dir, metrics_for(per_policy, names[0], meta))
-    write_samples(output_dir / SAMPLES_FILE, prompts, answers, rewards, len(distinct.texts))
+    write_samples(output_dir / SAMPLES_FILE, prompts, answers, rewards)
 
     plots = []
     logs = {name: training_log(folder) for name, folder in folders.items() if name != SFT}
@@ -650,13 +659,12 @@ def write_samples(
     prompts: EvalPrompts,
     answers: Mapping[tuple[str, str], Answers],
     rewards: Mapping[tuple[str, str], list[float]],
-    distinct: int | None = None,
 ) -> None:
     """One JSON line per (policy, decoding, prompt, sample): the response and its scores.
 
-    `prompts` holds `distinct` prompts repeated; a row names its prompt `index` and `sample` draw; a greedy
-    answer is written once."""
-    distinct = distinct or len(prompts.texts)
+    A row names its prompt `index` and `sample` draw (`prompts` may be repeated); a greedy answer is written
+    once."""
+    distinct = prompts.distinct
     with path.open("w") as out:
         for (name, decoding), run in answers.items():
             for i, text in enumerate(run.texts):
