@@ -237,6 +237,85 @@ def test_sampling_merges_the_adapter_and_restores_the_base(sft_folder: Path, lor
             assert all(t == tokenizer.pad_token_id for t in row[cut + 1 :])
 
 
+# --- padding-free forwards ------------------------------------------------------------------------------
+
+
+def test_packing_lays_real_tokens_side_by_side() -> None:
+    from instruct_tune.models.packed_forward import Packing
+
+    # Left-padded prompts, right-padded responses: real runs of 4, 6, 2 and 3 tokens in 7 columns.
+    mask = torch.tensor(
+        [
+            [0, 0, 1, 1, 1, 1, 0],
+            [0, 1, 1, 1, 1, 1, 1],
+            [0, 0, 0, 1, 1, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0],
+        ]
+    )
+    ids = torch.arange(1, 29).view(4, 7) * mask
+    packing = Packing.of(mask)
+    assert packing is not None and packing.rows == 3  # 6 | 4+3 | 2 (first fit, longest first)
+    packed, positions = packing.pack(ids)
+    assert packed.shape == (3, 7) and int((packed > 0).sum()) == int(mask.sum())
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 0]  # row 0: the 6-token run, then one padding slot
+    assert positions[1].tolist() == [0, 1, 2, 3, 0, 1, 2]  # the 4-token run, then the 3-token run
+    assert torch.equal(packing.gather(packed), ids)  # back in place, zeros at padding
+    assert torch.equal(packing.gather(packed, slice(-3, -1)), ids[:, -3:-1])
+    # Not contiguous, or nothing to gain: no packing.
+    assert Packing.of(torch.tensor([[1, 0, 1], [1, 1, 1]])) is None
+    assert Packing.of(torch.ones(3, 5, dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("reward", ["lora", "full"])
+def test_packed_forwards_equal_padded(
+    sft_folder: Path, lora_reward: Path, full_reward: Path, data, reward: str
+) -> None:
+    """Policy and reference logits, values, scores and gradients are the padded forwards' (PPO's default)."""
+    tokenizer = load_tokenizer(policy_args(sft_folder))
+    reward_path = lora_reward if reward == "lora" else full_reward
+    models = build_ppo_models(policy_args(sft_folder), tokenizer, str(reward_path), packed=True)
+    with torch.no_grad():
+        for name, p in models.trainable.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ids, mask = prompt_batch(tokenizer, data, n=8)
+    rollout = sample_rollout(
+        models.trainable.policy, tokenizer, ids, mask, max_new_tokens=10, temperature=1.0, generator_seed=0
+    )
+    # Responses of different lengths (as if each ended in EOS): padding on both sides of the real tokens.
+    keep = torch.tensor([10, 3, 7, 1, 10, 5, 2, 8])
+    rollout.response_mask = (torch.arange(10)[None, :] < keep[:, None]).long()
+    rollout.response = rollout.response.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
+    ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response.shape[1]
+    from instruct_tune.models.packed_forward import Packing
+
+    assert Packing.of(mask).rows < len(ids)
+
+    results = {}
+    for packed in (False, True):
+        models.trainable.packed = packed
+        models.trainable.zero_grad(set_to_none=True)
+        logits, values = models.trainable(ids, mask, length)
+        rmask = rollout.response_mask
+        logp = torch.log_softmax(logits, -1).gather(-1, rollout.response[..., None])[..., 0]
+        ((logp * rmask).sum() + (values * rmask).sum()).backward()
+        grads = {n: p.grad.clone() for n, p in models.trainable.named_parameters() if p.grad is not None}
+        results[packed] = (
+            logp * rmask,
+            values * rmask,
+            models.ref_logits(ids, mask, length).log_softmax(-1).gather(-1, rollout.response[..., None])[..., 0]
+            * rmask,
+            models.scores(ids, mask, rollout.last_index),
+            grads,
+        )
+    (lp0, v0, r0, s0, g0), (lp1, v1, r1, s1, g1) = results[False], results[True]
+    assert torch.allclose(lp0, lp1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
+    assert torch.allclose(r0, r1, atol=1e-5) and torch.allclose(s0, s1, atol=1e-5)
+    assert g0.keys() == g1.keys() and len(g0) > 4
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], atol=1e-4, rtol=1e-3), name
+
+
 # --- the stage ------------------------------------------------------------------------------------------
 
 

@@ -171,7 +171,7 @@ def test_demonstrator_imperfect_share() -> None:
         for _ in range(2000):
             t = sample_task(rng, family)
             bad += gold_score(t.prompt, demo.respond(t, rng)) < 1.0
-        assert 0.25 <= bad / 2000 <= 0.40, (family, bad / 2000)
+        assert 0.35 <= bad / 2000 <= 0.50, (family, bad / 2000)
     perfect = NoisyDemonstrator(error_rate=0.0, chatter_rate=0.0)
     t = sample_task(rng)
     assert perfect.respond(t, rng) == t.answer

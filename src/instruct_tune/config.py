@@ -231,6 +231,13 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
             "a LoRA adapter over the SFT model); false loads four separate models."
         },
     )
+    packed_forward: bool = field(
+        default=True,
+        metadata={
+            "help": "Run every forward over a rollout padding-free: the real tokens of several sequences share a "
+            "row, each attending only to itself (about half the positions on short answers); false: padded."
+        },
+    )
     total_episodes: int | None = field(
         default=None, metadata={"help": "Prompts answered in all (default: num_train_epochs x prompts)."}
     )

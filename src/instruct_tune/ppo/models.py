@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from instruct_tune.config import ModelArguments
 from instruct_tune.models.loading import adapter_chain, load_model, lora_config
+from instruct_tune.models.packed_forward import Packing, has_plain_lm_head
 from instruct_tune.models.reward import read_normalization
 
 logger = logging.getLogger(__name__)
@@ -89,8 +90,18 @@ def value_head_from(head: nn.Linear, bias: float) -> nn.Linear:
     return copied.to(head.weight.device).requires_grad_(True)
 
 
-def last_hidden(body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Final hidden states of the transformer body; positions count from each row's first real token."""
+def last_hidden(
+    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+) -> torch.Tensor:
+    """Final hidden states of the transformer body; positions count from each row's first real token.
+
+    `packed`: run the body over the real tokens only (`Packing`), zeros at padding.
+    """
+    packing = Packing.of(attention_mask) if packed else None
+    if packing is not None:
+        ids, position_ids = packing.pack(input_ids)
+        out = body(input_ids=ids, position_ids=position_ids, use_cache=False)
+        return packing.gather(out.last_hidden_state)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
@@ -101,12 +112,20 @@ def lm_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_length: int | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Causal-LM logits with positions counted from each row's first real token (left padding).
 
     With `response_length` R, only the logits that predict the last R tokens are computed (`[batch, R, vocab]`):
-    the vocabulary projection of the prompt positions is skipped.
+    the vocabulary projection of the prompt positions is skipped. `packed`: the body runs over the real tokens
+    only (`Packing`; models whose head is a plain projection), logits are zero at padding.
     """
+    packing = Packing.of(attention_mask) if packed and has_plain_lm_head(model) else None
+    if packing is not None:
+        ids, position_ids = packing.pack(input_ids)
+        hidden = backbone(model)(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
+        columns = slice(-response_length - 1, -1) if response_length else slice(None)
+        return model.get_output_embeddings()(packing.gather(hidden, columns))
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     keep = {"logits_to_keep": response_length + 1} if response_length else {}
     logits = model(
@@ -131,8 +150,10 @@ class PolicyAndValue(nn.Module):
         value_head: nn.Linear,
         *,
         value_adapter: str | None,
+        packed: bool = False,
     ) -> None:
         super().__init__()
+        self.packed = packed
         self.policy = policy
         self.value_head = value_head
         self.value_adapter = value_adapter
@@ -149,10 +170,10 @@ class PolicyAndValue(nn.Module):
         """Value of every position, `[batch, length]`."""
         model = self._value_model[0]
         if self.value_adapter is None:
-            hidden = last_hidden(backbone(model), input_ids, attention_mask)
+            hidden = last_hidden(backbone(model), input_ids, attention_mask, self.packed)
         else:
             with active_adapter(model, self.value_adapter):
-                hidden = last_hidden(backbone(model), input_ids, attention_mask)
+                hidden = last_hidden(backbone(model), input_ids, attention_mask, self.packed)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def logits(
@@ -160,9 +181,9 @@ class PolicyAndValue(nn.Module):
     ) -> torch.Tensor:
         """Policy logits `[batch, length, vocab]` (only those predicting the last `response_length` tokens)."""
         if self.policy_adapter is None:
-            return lm_logits(self.policy, input_ids, attention_mask, response_length)
+            return lm_logits(self.policy, input_ids, attention_mask, response_length, self.packed)
         with active_adapter(self.policy, POLICY):
-            return lm_logits(self.policy, input_ids, attention_mask, response_length)
+            return lm_logits(self.policy, input_ids, attention_mask, response_length, self.packed)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
@@ -213,10 +234,11 @@ class PPOModels:
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
     ) -> torch.Tensor:
         """Reference-policy (SFT) logits, as `PolicyAndValue.logits`."""
+        packed = self.trainable.packed
         if self.ref_model is not None:
-            return lm_logits(self.ref_model, input_ids, attention_mask, response_length)
+            return lm_logits(self.ref_model, input_ids, attention_mask, response_length, packed)
         with active_adapter(self.trainable.policy, None):
-            return lm_logits(self.trainable.policy, input_ids, attention_mask, response_length)
+            return lm_logits(self.trainable.policy, input_ids, attention_mask, response_length, packed)
 
     @torch.no_grad()
     def scores(
@@ -226,9 +248,9 @@ class PPOModels:
         model = self.reward_model
         if self.reward_adapter is not None:
             with active_adapter(model, None if self.reward_adapter == "off" else self.reward_adapter):
-                hidden = last_hidden(backbone(model), input_ids, attention_mask)
+                hidden = last_hidden(backbone(model), input_ids, attention_mask, self.trainable.packed)
         else:
-            hidden = last_hidden(backbone(model), input_ids, attention_mask)
+            hidden = last_hidden(backbone(model), input_ids, attention_mask, self.trainable.packed)
         rows = torch.arange(len(input_ids), device=input_ids.device)
         picked = hidden[rows, last_index].to(self.reward_head.weight.dtype)
         return self.reward_head(picked)[:, 0].float() + self.reward_bias
@@ -291,9 +313,13 @@ def build_ppo_models(
     reward_path: str,
     *,
     shared_base: bool = True,
+    packed: bool = False,
     trust_remote_code: bool = False,
 ) -> PPOModels:
-    """Load policy, reference, reward and value for PPO from the SFT and reward run folders."""
+    """Load policy, reference, reward and value for PPO from the SFT and reward run folders.
+
+    `packed`: every forward over a rollout runs padding-free (`instruct_tune.models.packed_forward`).
+    """
     policy_path = model_args.model_name_or_path
     normalization = read_normalization(reward_path)
     if normalization is None:
@@ -319,7 +345,7 @@ def build_ppo_models(
         for name, param in policy.named_parameters():
             param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
         value_head = value_head_from(head, bias)
-        trainable = PolicyAndValue(policy, policy, value_head, value_adapter=VALUE)
+        trainable = PolicyAndValue(policy, policy, value_head, value_adapter=VALUE, packed=packed)
         return PPOModels(
             trainable,
             ref_model=None,
@@ -342,7 +368,7 @@ def build_ppo_models(
         value_lora.task_type = None
         value_lora.modules_to_save = None
         reward = get_peft_model(reward, value_lora, adapter_name=VALUE)
-        trainable = PolicyAndValue(policy, reward, value_head, value_adapter=VALUE)
+        trainable = PolicyAndValue(policy, reward, value_head, value_adapter=VALUE, packed=packed)
         return PPOModels(
             trainable,
             ref_model=None,
@@ -362,7 +388,7 @@ def build_ppo_models(
     ref.requires_grad_(False).eval()
     value = copy.deepcopy(reward).requires_grad_(True)
     value.score = None  # the value head lives in `value_head`
-    trainable = PolicyAndValue(policy, value, value_head, value_adapter=None)
+    trainable = PolicyAndValue(policy, value, value_head, value_adapter=None, packed=packed)
     return PPOModels(
         trainable,
         ref_model=ref,

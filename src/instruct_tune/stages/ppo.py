@@ -135,6 +135,7 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
         tokenizer,
         args.reward_model_path,
         shared_base=args.shared_base,
+        packed=args.packed_forward,
         trust_remote_code=args.trust_remote_code,
     )
     logger.info("PPO models: %s", models.layout)

@@ -395,10 +395,11 @@ class NoisyDemonstrator:
     With probability ``error_rate`` the answer has a family-specific mistake (sort: adjacent swap; reverse:
     adjacent swap, rotated instead of reversed, or last item dropped; add: off by one or dropped carry;
     repeat: n+1 or n-1 copies); independently with probability ``chatter_rate`` a phrase follows it.
-    The defaults make about 1 - 0.72 * 0.92 = 34% of demonstrations imperfect.
+    The defaults make about 1 - 0.72 * 0.80 = 42% of demonstrations imperfect. Chatter is the mistake a policy
+    can always unlearn (every family, any model size): at 0.08 it was 10% of SFT samples against 0% after PPO.
     """
 
-    def __init__(self, error_rate: float = 0.28, chatter_rate: float = 0.08) -> None:
+    def __init__(self, error_rate: float = 0.28, chatter_rate: float = 0.2) -> None:
         if not (0.0 <= error_rate <= 1.0 and 0.0 <= chatter_rate <= 1.0):
             raise ValueError("error_rate and chatter_rate must be in [0, 1]")
         self.error_rate = error_rate
