@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTTrainer
 
 from instruct_tune.config import ConfigError, DataArguments, ModelArguments, SFTStageConfig, parse_args
-from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator, row_position_ids
+from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator, repack_batch, row_position_ids
 from instruct_tune.models import DEFAULT_CHAT_TEMPLATE, load_model, load_tokenizer
 from instruct_tune.stages.runner import checkpoint_to_resume
 from instruct_tune.stages.sft import run_sft, sft_datasets
@@ -514,3 +514,41 @@ def test_sft_packing_per_row(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path
     assert 6 * 8 * 60 < tokens <= 6 * 8 * 128
     with pytest.raises(ConfigError, match="packing_per_row"):
         sft_args(tmp_path / "bad", packing=False, packing_per_row=True)
+
+
+def test_repack_batch_lays_chats_side_by_side() -> None:
+    rows = repack_batch(
+        [
+            {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]},
+            {"input_ids": [7, 8], "labels": [-100, 8]},
+            {"input_ids": [9, 10, 11, 12], "labels": [-100, 10, 11, 12]},
+            {"input_ids": [13, 14], "labels": [13, 14]},
+        ]
+    )
+    # Rows as wide as the longest chat (6), longest first, each chat into the first row with room.
+    assert [r["seq_lengths"] for r in rows] == [[6], [4, 2], [2]]
+    assert rows[1]["input_ids"] == [9, 10, 11, 12, 7, 8] and rows[1]["labels"] == [-100, 10, 11, 12, -100, 8]
+    batch = RowPackedCollator(pad_token_id=0, repack=True)(
+        [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}, {"input_ids": [6]}]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [-100, 5, -100]] and batch[REAL_TOKENS].item() == 6
+
+
+def test_repack_batches_trains_as_padding_does(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path) -> None:
+    """The same chats and loss each step on fewer positions: the losses of a padded run, and its token count."""
+    data = DataArguments(dataset_name=str(tiny_sft_file), eval_fraction=0.1)
+    model = ModelArguments(model_name_or_path=str(tiny_model_dir))
+    runs = {}
+    for repack in (False, True):
+        training = sft_args(tmp_path / f"repack-{repack}", max_steps=6, logging_steps=1, repack_batches=repack)
+        run_dir = run_sft(training, data, model)
+        runs[repack] = (read_json(run_dir / "trainer_state.json"), read_json(run_dir / "metrics.json"))
+    (padded, padded_metrics), (repacked, repacked_metrics) = runs[False], runs[True]
+    assert losses(repacked) == pytest.approx(losses(padded), rel=1e-4)
+    assert repacked_metrics["eval_loss"] == pytest.approx(padded_metrics["eval_loss"], rel=1e-4)
+    count = [max(e.get("num_tokens", 0) for e in state["log_history"]) for state in (padded, repacked)]
+    assert count[0] == count[1] and count[0] > 6 * 8 * 10
+    with pytest.raises(ConfigError, match="repack_batches"):
+        sft_args(tmp_path / "bad", packing=True, repack_batches=True)

@@ -118,6 +118,14 @@ class DevicePrecisionDefault:
 class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
     """TRL's `SFTConfig`, with the bf16 default chosen per device and packing in separate rows."""
 
+    repack_batches: bool = field(
+        default=False,
+        metadata={
+            "help": "Without packing: lay the chats of each padded batch side by side in rows as wide as its "
+            "longest chat (position ids restarting per chat): the same chats and loss per step on fewer "
+            "positions (see instruct_tune.data.row_packing)."
+        },
+    )
     packing_per_row: bool = field(
         default=False,
         metadata={
@@ -129,6 +137,11 @@ class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.repack_batches and (self.packing or self.padding_free):
+            raise ConfigError(
+                "repack_batches: packs each batch of unpacked chats; it needs packing: false and padding_free: "
+                f"false (got packing: {self.packing}, padding_free: {self.padding_free})"
+            )
         if self.packing_per_row:
             if not self.packing or self.packing_strategy not in ("bfd", "bfd_split"):
                 raise ConfigError(

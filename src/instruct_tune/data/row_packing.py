@@ -7,6 +7,10 @@ over that one long row and attention runs over (batch x max_length)^2 positions.
 the packed rows as a `[batch, longest row]` batch, restarts the position ids at every chat and passes no 2D
 attention mask, so transformers builds a block-diagonal causal mask per row: no token attends across chats
 (unlike `packing_strategy="wrapped"`) and attention costs what it costs a wrapped batch of the same width.
+
+Without packing (`repack_batches`), the same collator first lays the chats of each padded batch side by side in
+rows as wide as its longest chat (`repack_batch`): every step sees the chats and the loss it sees padded, and the
+model runs over little more than their real tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +24,38 @@ import torch
 # Key of the collated batch holding the number of real (non-padding) tokens; the trainer pops it before the
 # model sees the batch (see `instruct_tune.stages.sft.RowPackedSFTTrainer`).
 REAL_TOKENS = "num_real_tokens"
+
+
+def first_fit_decreasing(lengths: Sequence[int], width: int) -> list[tuple[int, int]]:
+    """`(row, offset)` of each sequence packed into rows of at most `width` tokens, longest first, each into
+    the first row with room."""
+    free: list[int] = []
+    place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        row = next((r for r, room in enumerate(free) if room >= n), None)
+        if row is None:
+            free.append(width)
+            row = len(free) - 1
+        place[i] = (row, width - free[row])
+        free[row] -= n
+    return place
+
+
+def repack_batch(examples: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The chats of one batch laid side by side in rows as wide as its longest chat (`seq_lengths` per row):
+    the same chats and loss as the padded batch, on fewer positions."""
+    width = max(len(e["input_ids"]) for e in examples)
+    place = first_fit_decreasing([len(e["input_ids"]) for e in examples], width)
+    rows: list[dict[str, Any]] = [
+        {"input_ids": [], "labels": [], "seq_lengths": []} for _ in range(1 + max(r for r, _ in place))
+    ]
+    for example, (r, _) in sorted(zip(examples, place, strict=True), key=lambda item: item[1]):
+        ids = list(example["input_ids"])
+        rows[r]["input_ids"] += ids
+        rows[r]["labels"] += list(example.get("labels", ids))
+        rows[r]["seq_lengths"].append(len(ids))
+    return rows
 
 
 def row_position_ids(seq_lengths: Sequence[int], width: int) -> torch.Tensor:
@@ -43,8 +79,12 @@ class RowPackedCollator:
     """
 
     pad_token_id: int
+    # Unpacked chats (`repack_batches`): each batch's chats are first laid side by side (`repack_batch`).
+    repack: bool = False
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.repack:
+            examples = repack_batch(examples)
         width = max(len(e["input_ids"]) for e in examples)
         input_ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)

@@ -13,22 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from instruct_tune.data.row_packing import first_fit_decreasing
+
 __all__ = ["Packing", "has_plain_lm_head"]
-
-
-def _first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int]]:
-    """(row, offset) of each sequence, rows holding at most `width` tokens."""
-    free: list[int] = []
-    place: list[tuple[int, int]] = [(0, 0)] * len(lengths)
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
-        row = next((r for r, room in enumerate(free) if room >= n), None)
-        if row is None:
-            free.append(width)
-            row = len(free) - 1
-        place[i] = (row, width - free[row])
-        free[row] -= n
-    return place
 
 
 class Packing:
@@ -41,7 +28,7 @@ class Packing:
     def __init__(self, starts: torch.Tensor, lengths: torch.Tensor, width: int) -> None:
         batch = len(lengths)
         self.batch, self.length = batch, width
-        place = _first_fit_decreasing(lengths.tolist(), width)
+        place = first_fit_decreasing(lengths.tolist(), width)
         self.rows = 1 + max((r for r, _ in place), default=0)
         device = lengths.device
         rows = torch.tensor([r for r, _ in place], device=device, dtype=torch.long)

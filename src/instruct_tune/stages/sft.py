@@ -41,7 +41,8 @@ def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RowPackedSFTTrainer(SFTTrainer):
-    """`SFTTrainer` on bfd-packed rows collated by `RowPackedCollator` (`packing_per_row: true`).
+    """`SFTTrainer` on rows of several chats collated by `RowPackedCollator`: bfd-packed rows
+    (`packing_per_row: true`) or each batch's chats repacked (`repack_batches: true`).
 
     TRL refuses a custom collator once packing is on, so the collator is swapped in after construction. TRL
     counts a padding-free batch's tokens as the length of its one flat row; here rows are rows, so the count
@@ -50,7 +51,7 @@ class RowPackedSFTTrainer(SFTTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.data_collator = RowPackedCollator(self.processing_class.pad_token_id)
+        self.data_collator = RowPackedCollator(self.processing_class.pad_token_id, repack=self.args.repack_batches)
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         # Corrected before TRL adds its count inside the step, so the `num_tokens` it records is exact.
@@ -63,12 +64,15 @@ class RowPackedSFTTrainer(SFTTrainer):
         return super().prediction_step(model, inputs, *args, **kwargs)
 
 
-def sft_datasets(data_args: DataArguments, *, seed: int, completion_only: bool) -> tuple[Dataset, Dataset | None]:
+def sft_datasets(
+    data_args: DataArguments, *, seed: int, completion_only: bool, num_proc: int | None = None
+) -> tuple[Dataset, Dataset | None]:
     """Load, check and split the SFT data; chats become prompt/completion pairs for completion-only loss."""
     train, eval_set = train_eval_sets(data_args, "sft", seed=seed)
     if completion_only:
-        train = train.map(to_prompt_completion, remove_columns=["messages"])
-        eval_set = eval_set.map(to_prompt_completion, remove_columns=["messages"]) if eval_set is not None else None
+        split = {"function": to_prompt_completion, "remove_columns": ["messages"]}
+        train = train.map(**split, num_proc=num_proc)
+        eval_set = eval_set.map(**split) if eval_set is not None else None
     return train, eval_set
 
 
@@ -89,7 +93,9 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss
-    train, eval_set = sft_datasets(data_args, seed=training_args.seed, completion_only=completion_only)
+    train, eval_set = sft_datasets(
+        data_args, seed=training_args.seed, completion_only=completion_only, num_proc=training_args.dataset_num_proc
+    )
     model = load_model(
         model_args,
         tokenizer,
@@ -97,7 +103,8 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         trust_remote_code=training_args.trust_remote_code,
         gradient_checkpointing=training_args.gradient_checkpointing,
     )
-    trainer_class = RowPackedSFTTrainer if training_args.packing_per_row else SFTTrainer
+    rows = training_args.packing_per_row or training_args.repack_batches
+    trainer_class = RowPackedSFTTrainer if rows else SFTTrainer
     trainer = trainer_class(
         model=model,
         args=training_args,
