@@ -287,9 +287,10 @@ def test_packed_forwards_equal_padded(
     rollout.response_mask = (torch.arange(10)[None, :] < keep[:, None]).long()
     rollout.response = rollout.response.masked_fill(rollout.response_mask == 0, tokenizer.pad_token_id)
     ids, mask, length = rollout.input_ids, rollout.attention_mask, rollout.response.shape[1]
-    from instruct_tune.models.packed_forward import Packing
+    from instruct_tune.models.packed_forward import Packing, has_plain_lm_head
 
-    assert Packing.of(mask).rows < len(ids)
+    # The packed path runs: the batch packs into fewer rows, and the LoRA policy's head is applied directly.
+    assert Packing.of(mask).rows < len(ids) and has_plain_lm_head(models.trainable.policy)
 
     results = {}
     for packed in (False, True):

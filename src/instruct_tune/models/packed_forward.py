@@ -40,8 +40,6 @@ class Packing:
         self.target = rows[seq] * width + offsets[seq] + within  # flat index in the packed batch
         # Padding at the end of a row counts 0, 1, ... as one more sequence of its own.
         position_ids = torch.arange(self.rows * width, device=device) % width
-        used = torch.zeros(self.rows * width, dtype=torch.bool, device=device)
-        used[self.target] = True
         row_used = torch.zeros(self.rows, dtype=torch.long, device=device).index_add_(
             0, rows, lengths.to(torch.long)
         )
