@@ -4,8 +4,8 @@
 
 Both sides train the same ~11M-parameter GPT-2 (tiny default's tokenizer) on the same file of tiny
 demonstrations (the first steps x batch x 4 rows; chats of 20-70 tokens: variable length), batch 32, max
-length 256, lr 1e-3, our side with the tiny default's SFT settings (padding) and with bfd packing kept in rows
-(`packing_per_row`), each run in a fresh process, the
+length 256, lr 1e-3, our side with the tiny default's SFT settings (padded batches repacked into rows,
+`repack_batches`), plain padding, and bfd packing kept in rows (`packing_per_row`), each run in a fresh process, the
 settings alternating within each repeat. Tokens are non-padding tokens as TRL counts them (`num_tokens`);
 time is the Trainer's `train_runtime`. The peer runs TRL's default (best-fit packing) and every other
 setting below; the fastest of them is `tokens_per_s_trl_fastest`. Writes bench/results/sft.json.
@@ -28,12 +28,16 @@ PEER_SETTINGS = {
     "trl_padding_free": ["--packing", "none", "--padding_free"],
     "trl_bfd_padding_free": ["--packing", "bfd", "--padding_free"],
 }
-# Our stage's settings: the tiny default (padding) and bfd packing kept in rows (`packing_per_row`);
-# `tokens_per_s_ours` is the faster of the two, as `tokens_per_s_trl_fastest` is TRL's fastest.
+# Our stage's settings: the tiny default (each padded batch's chats repacked side by side, `repack_batches`),
+# plain padding, and bfd packing kept in rows (`packing_per_row`); `tokens_per_s_ours` is the fastest of them,
+# as `tokens_per_s_trl_fastest` is TRL's fastest.
 OUR_SETTINGS = {
-    "ours_padding": [],
-    "ours_packing_per_row": ["--packing", "true", "--packing_strategy", "bfd", "--packing_per_row", "true"],
-}
+    "ours_repack": [],
+    "ours_padding": ["--repack_batches", "false"],
+    "ours_packing_per_row": [
+        "--repack_batches", "false", "--packing", "true", "--packing_strategy", "bfd", "--packing_per_row", "true"
+    ],
+}  # fmt: skip
 SOURCE = REPO / "data/tiny/sft.jsonl"
 
 
