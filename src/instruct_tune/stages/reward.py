@@ -61,6 +61,7 @@ from instruct_tune.models.reward import (
 from instruct_tune.models.sampling import sample_texts
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
+    close_processes,
     configure_logging,
     finish_run,
     push_run_folder,
@@ -722,4 +723,5 @@ def run_reward(
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
         push_run_folder(output_dir, push_to, training_args)
+    close_processes(trainer)
     return output_dir

@@ -147,3 +147,16 @@ def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingA
             f"`instruct-tune push {output_dir} --repo-id {repo_id}`"
         ) from None
     logger.info("Pushed %s to %s", output_dir, url)
+
+
+def close_processes(trainer: Trainer) -> None:
+    """Wait for every process, then close the process group of a multi-process run (no-op otherwise).
+
+    A rank whose interpreter exits while gloo's threads still run aborts ("terminate called without an active
+    exception", SIGABRT), which fails the whole launch after the run folder was written.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        trainer.accelerator.wait_for_everyone()
+        dist.destroy_process_group()

@@ -23,6 +23,7 @@ from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
+    close_processes,
     configure_logging,
     finish_run,
     push_run_folder,
@@ -128,4 +129,5 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
     )
     if trainer.is_world_process_zero():
         push_run_folder(output_dir, push_to, training_args)
+    close_processes(trainer)
     return output_dir
