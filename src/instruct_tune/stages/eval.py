@@ -211,9 +211,11 @@ def generate(
         answers.lengths += rollout.response_mask.sum(1).tolist()
         if reference is not None:
             length = rollout.response.shape[1]
-            inputs = (rollout.input_ids, rollout.attention_mask, length, True)  # packed: padding-free
-            logp = logprobs_from_logits(lm_logits(model, *inputs), rollout.response, temperature)
-            ref_logp = logprobs_from_logits(lm_logits(reference, *inputs), rollout.response, temperature)
+            inputs = (rollout.input_ids, rollout.attention_mask, length)
+            logp = logprobs_from_logits(lm_logits(model, *inputs, packed=True), rollout.response, temperature)
+            ref_logp = logprobs_from_logits(
+                lm_logits(reference, *inputs, packed=True), rollout.response, temperature
+            )
             answers.kl += ((logp - ref_logp) * rollout.response_mask).sum(1).tolist()
     return answers
 
