@@ -552,3 +552,52 @@ def test_repack_batches_trains_as_padding_does(tiny_model_dir: Path, tiny_sft_fi
     assert count[0] == count[1] and count[0] > 6 * 8 * 10
     with pytest.raises(ConfigError, match="repack_batches"):
         sft_args(tmp_path / "bad", packing=True, repack_batches=True)
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_plain_lm_head_trains_as_trls_fused_head(
+    use_peft: bool, tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path
+) -> None:
+    """On CPU the model's own head replaces TRL's fused-head fallback: same losses, entropy and token accuracy
+    every step, same eval loss; only the arithmetic's order differs."""
+    data = DataArguments(dataset_name=str(tiny_sft_file), eval_fraction=0.1)
+    model = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=use_peft, lora_r=8, lora_alpha=16)
+    logs, evals = {}, {}
+    for fused in (True, False):
+        training = sft_args(tmp_path / f"fused-{fused}", max_steps=6, logging_steps=1, fused_lm_head=fused)
+        run_dir = run_sft(training, data, model)
+        logs[fused] = [e for e in read_json(run_dir / "trainer_state.json")["log_history"] if "loss" in e]
+        evals[fused] = read_json(run_dir / "metrics.json")["eval_loss"]
+    assert len(logs[False]) == len(logs[True]) == 6
+    for key in ("loss", "entropy", "mean_token_accuracy", "num_tokens"):
+        assert [e[key] for e in logs[False]] == pytest.approx([e[key] for e in logs[True]], rel=1e-4), key
+    assert evals[False] == pytest.approx(evals[True], rel=1e-5)
+
+
+def test_plain_lm_head_is_chosen_off_cuda(tiny_model_dir: Path) -> None:
+    """Unset, the plain head replaces TRL's on CPU and not on CUDA; an explicit choice wins; its fields match."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from instruct_tune.models.lm_head import select_lm_head
+
+    def patched():
+        net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        add_fused_lm_head(net, outputs=("log_probs", "entropy", "is_top1"))
+        return net
+
+    assert not select_lm_head(patched(), torch.device("cuda"))
+    assert not select_lm_head(patched(), torch.device("cpu"), fused=True)
+    fused, plain = patched(), patched()
+    assert select_lm_head(plain, torch.device("cpu"))
+    ids = torch.randint(0, fused.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    labels[2] = -100  # a row without labels
+    out = {name: net(input_ids=ids, labels=labels, fused_lm_head=True) for name, net in (("f", fused), ("p", plain))}
+    for key in ("log_probs", "entropy"):
+        torch.testing.assert_close(out["p"][key], out["f"][key], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["p"].is_top1, out["f"].is_top1) and torch.equal(out["p"].label_mask, out["f"].label_mask)
+    out["p"].loss.backward()
+    out["f"].loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

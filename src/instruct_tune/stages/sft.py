@@ -21,6 +21,7 @@ from trl import SFTTrainer
 from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
 from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model, load_tokenizer
+from instruct_tune.models.lm_head import select_lm_head
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
     close_processes,
@@ -113,6 +114,7 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
+    select_lm_head(trainer.model, training_args.device, training_args.fused_lm_head)
     metrics = run_training(trainer)
     if eval_set is not None:
         metrics.update(trainer.evaluate())

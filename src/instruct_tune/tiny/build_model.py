@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instruct_tune.models.chat_template import DEFAULT_CHAT_TEMPLATE, ROLE_TOKENS
+from instruct_tune.models.lm_head import select_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +182,7 @@ def build_tiny_model(
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer
     )
+    select_lm_head(model, args.device)
     result = trainer.train()
     scratch.cleanup()
     out_dir.mkdir(parents=True, exist_ok=True)
