@@ -574,11 +574,20 @@ def test_plain_lm_head_trains_as_trls_fused_head(
     assert evals[False] == pytest.approx(evals[True], rel=1e-5)
 
 
-def test_plain_lm_head_is_chosen_off_cuda(tiny_model_dir: Path) -> None:
-    """Unset, the plain head replaces TRL's on CPU and not on CUDA; an explicit choice wins; its fields match."""
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["whole", "chunked"])
+def test_plain_lm_head_is_chosen_off_cuda(
+    chunk_rows: int | None, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unset, the plain head replaces TRL's on CPU and not on CUDA; an explicit choice wins; its fields and
+    gradients match TRL's, also when the logits are taken in checkpointed chunks of 5 positions."""
     from trl.trainer.utils import add_fused_lm_head
 
+    from instruct_tune.models import lm_head
     from instruct_tune.models.lm_head import select_lm_head
+
+    if chunk_rows:
+        vocab = AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.vocab_size
+        monkeypatch.setattr(lm_head, "CHUNK_ELEMENTS", chunk_rows * vocab)
 
     def patched():
         net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

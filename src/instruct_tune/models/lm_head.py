@@ -17,8 +17,41 @@ import types
 from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from instruct_tune.models.packed_forward import has_plain_lm_head
+
+
+# Logits of at most this many elements at a time (64 MB in float32): a longer batch of a large vocabulary is
+# projected chunk by chunk, each chunk recomputed in the backward, so memory stays near TRL's tiled head.
+CHUNK_ELEMENTS = 2**24
+
+
+def _chunk_outputs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    log_softmax = torch.log_softmax(logits, dim=-1)
+    log_probs = log_softmax.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1)
+        top1 = logits.argmax(-1) == targets
+    return log_probs, entropy, top1
+
+
+def head_outputs(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probability of each target (with gradient), entropy and top-1 flag (without) of `head(hidden)`,
+    for (N, H) hidden states and N targets; over `CHUNK_ELEMENTS` logits, in checkpointed chunks."""
+    rows = max(1, CHUNK_ELEMENTS // vocab_size)
+    if hidden.shape[0] <= rows:
+        return _chunk_outputs(head, hidden, targets)
+    parts = [
+        checkpoint(_chunk_outputs, head, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(rows), targets.split(rows), strict=True)
+    ]
+    return tuple(torch.cat(column) for column in zip(*parts, strict=True))
 
 
 def select_lm_head(model: torch.nn.Module, device: torch.device, fused: bool | None = None) -> bool:
@@ -63,12 +96,9 @@ def select_lm_head(model: torch.nn.Module, device: torch.device, fused: bool | N
         labels = labels[:, 1:]
         mask = labels != -100
         # Only the positions with a label are projected: a completion-only batch skips its prompts.
-        logits = self.get_output_embeddings()(hidden[mask]).float()
-        log_softmax = torch.log_softmax(logits, dim=-1)
-        valid_log_probs = log_softmax.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-        with torch.no_grad():
-            valid_entropy = -(log_softmax.exp() * log_softmax).sum(-1)
-            valid_top1 = logits.argmax(-1) == labels[mask]
+        valid_log_probs, valid_entropy, valid_top1 = head_outputs(
+            self.get_output_embeddings(), hidden[mask], labels[mask], text_config.vocab_size
+        )
         # masked_scatter keeps an all-ignored batch connected to the graph (a zero loss with a gradient).
         log_probs = hidden.new_zeros(mask.shape, dtype=valid_log_probs.dtype).masked_scatter(mask, valid_log_probs)
         entropy = torch.zeros_like(log_probs).masked_scatter(mask, valid_entropy)
