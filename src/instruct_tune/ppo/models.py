@@ -90,14 +90,20 @@ def value_head_from(head: nn.Linear, bias: float) -> nn.Linear:
     return copied.to(head.weight.device).requires_grad_(True)
 
 
+def _packing(packed: bool | Packing, attention_mask: torch.Tensor) -> Packing | None:
+    if isinstance(packed, Packing):
+        return packed
+    return Packing.of(attention_mask) if packed else None
+
+
 def last_hidden(
-    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False
+    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | Packing = False
 ) -> torch.Tensor:
     """Final hidden states of the transformer body; positions count from each row's first real token.
 
-    `packed`: run the body over the real tokens only (`Packing`), zeros at padding.
+    `packed`: run the body over the real tokens only (`Packing`, or the layout given), zeros at padding.
     """
-    packing = Packing.of(attention_mask) if packed else None
+    packing = _packing(packed, attention_mask)
     if packing is not None:
         ids, position_ids = packing.pack(input_ids)
         out = body(input_ids=ids, position_ids=position_ids, use_cache=False)
@@ -112,15 +118,15 @@ def lm_logits(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     response_length: int | None = None,
-    packed: bool = False,
+    packed: bool | Packing = False,
 ) -> torch.Tensor:
     """Causal-LM logits with positions counted from each row's first real token (left padding).
 
     With `response_length` R, only the logits that predict the last R tokens are computed (`[batch, R, vocab]`):
     the vocabulary projection of the prompt positions is skipped. `packed`: the body runs over the real tokens
-    only (`Packing`; models whose head is a plain projection), logits are zero at padding.
+    only (`Packing`, or the layout given; models whose head is a plain projection), logits are zero at padding.
     """
-    packing = Packing.of(attention_mask) if packed and has_plain_lm_head(model) else None
+    packing = _packing(packed, attention_mask) if has_plain_lm_head(model) else None
     if packing is not None:
         ids, position_ids = packing.pack(input_ids)
         hidden = backbone(model)(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
@@ -166,34 +172,46 @@ class PolicyAndValue(nn.Module):
     def policy_adapter(self) -> str | None:
         return POLICY if isinstance(self.policy, PeftModel) else None
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Value of every position, `[batch, length]`."""
+    def values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | Packing | None = None
+    ) -> torch.Tensor:
+        """Value of every position, `[batch, length]`; `packed` (a layout of `attention_mask`, or whether to
+        pack) overrides the module's `packed`."""
         model = self._value_model[0]
+        packed = self.packed if packed is None else packed
         if self.value_adapter is None:
-            hidden = last_hidden(backbone(model), input_ids, attention_mask, self.packed)
+            hidden = last_hidden(backbone(model), input_ids, attention_mask, packed)
         else:
             with active_adapter(model, self.value_adapter):
-                hidden = last_hidden(backbone(model), input_ids, attention_mask, self.packed)
+                hidden = last_hidden(backbone(model), input_ids, attention_mask, packed)
         return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
 
     def logits(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_length: int | None = None,
+        packed: bool | Packing | None = None,
     ) -> torch.Tensor:
-        """Policy logits `[batch, length, vocab]` (only those predicting the last `response_length` tokens)."""
+        """Policy logits `[batch, length, vocab]` (only those predicting the last `response_length` tokens);
+        `packed` as in `values`."""
+        packed = self.packed if packed is None else packed
         if self.policy_adapter is None:
-            return lm_logits(self.policy, input_ids, attention_mask, response_length, self.packed)
+            return lm_logits(self.policy, input_ids, attention_mask, response_length, packed)
         with active_adapter(self.policy, POLICY):
-            return lm_logits(self.policy, input_ids, attention_mask, response_length, self.packed)
+            return lm_logits(self.policy, input_ids, attention_mask, response_length, packed)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy logits and values; with `response_length` R both cover only the positions predicting the
         last R tokens."""
-        values = self.values(input_ids, attention_mask)
+        # One layout for both bodies (False: this batch is not worth packing).
+        packed = (Packing.of(attention_mask) or False) if self.packed else False
+        values = self.values(input_ids, attention_mask, packed)
         if response_length:
             values = values[:, -response_length - 1 : -1]
-        return self.logits(input_ids, attention_mask, response_length), values
+        return self.logits(input_ids, attention_mask, response_length, packed), values
 
 
 class PPOModels:

@@ -29,6 +29,7 @@ from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, train_eval_sets
 from instruct_tune.stages.runner import (
     checkpoint_to_resume,
+    close_processes,
     configure_logging,
     push_run_folder,
     take_push_request,
@@ -163,9 +164,8 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
             metrics=metrics,
             lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
         )
-    trainer.accelerator.wait_for_everyone()
     main_process = trainer.accelerator.is_main_process
-    trainer.accelerator.end_training()  # closes the trackers (and the process group): nothing may follow
+    close_processes(trainer.accelerator)
     if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
         push_run_folder(output_dir, push_to, args)
     return output_dir

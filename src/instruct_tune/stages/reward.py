@@ -722,6 +722,8 @@ def run_reward(
             table = calibration_markdown(calibration)
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
+    main_process = trainer.is_world_process_zero()
+    close_processes(trainer.accelerator)
+    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
         push_run_folder(output_dir, push_to, training_args)
-    close_processes(trainer)
     return output_dir

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate import Accelerator
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -149,14 +150,12 @@ def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingA
     logger.info("Pushed %s to %s", output_dir, url)
 
 
-def close_processes(trainer: Trainer) -> None:
-    """Wait for every process, then close the process group of a multi-process run (no-op otherwise).
+def close_processes(accelerator: Accelerator) -> None:
+    """Wait for every process, then end the run: trackers closed, the process group of a multi-process run
+    destroyed. Nothing collective may follow; a push of the run folder comes after it, on the main process.
 
     A rank whose interpreter exits while gloo's threads still run aborts ("terminate called without an active
     exception", SIGABRT), which fails the whole launch after the run folder was written.
     """
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        trainer.accelerator.wait_for_everyone()
-        dist.destroy_process_group()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()

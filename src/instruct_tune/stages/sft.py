@@ -129,7 +129,8 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         datasets=[source.path for source in data_sources(data_args)],
         metrics=metrics,
     )
-    if trainer.is_world_process_zero():
+    main_process = trainer.is_world_process_zero()
+    close_processes(trainer.accelerator)
+    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
         push_run_folder(output_dir, push_to, training_args)
-    close_processes(trainer)
     return output_dir
