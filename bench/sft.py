@@ -7,7 +7,7 @@ demonstrations (the first steps x batch x 4 rows; chats of 20-70 tokens: variabl
 length 256, lr 1e-3, our side with the tiny default's SFT settings (padded batches repacked into rows,
 `repack_batches`), plain padding, and bfd packing kept in rows (`packing_per_row`), each run in a fresh process, the
 settings alternating within each repeat. Tokens are non-padding tokens as TRL counts them (`num_tokens`);
-time is the Trainer's `train_runtime`. The peer runs TRL's default (best-fit packing) and every other
+time is the Trainer's `train_runtime`. The peer runs TRL's default (no packing in TRL 1.16) and every other
 setting below; the fastest of them is `tokens_per_s_trl_fastest`. Writes bench/results/sft.json.
 """
 

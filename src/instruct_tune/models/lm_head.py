@@ -6,7 +6,7 @@ a Triton kernel; elsewhere it is a chain of element-wise torch ops over each til
 the 1M-parameter tiny GPT-2, 32 x 128 tokens a step): that fallback took 0.37 s of a 0.76 s pretraining step,
 where `log_softmax` over the projected valid positions takes a few hundredths.
 
-`use_plain_lm_head` swaps only that computation: TRL's `compute_loss` still calls `model(..., fused_lm_head=True)`
+`select_lm_head` swaps only that computation: TRL's `compute_loss` still calls `model(..., fused_lm_head=True)`
 and gets the same fields back (loss, per-token log-probs, entropy, top-1 flags, label mask), so its metrics, token
 counts and loss scaling across processes are untouched.
 """

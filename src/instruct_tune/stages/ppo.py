@@ -29,9 +29,8 @@ from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, train_eval_sets
 from instruct_tune.stages.runner import (
     checkpoint_to_resume,
-    close_processes,
     configure_logging,
-    push_run_folder,
+    end_run,
     take_push_request,
     write_run_folder,
 )
@@ -164,8 +163,5 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
             metrics=metrics,
             lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
         )
-    main_process = trainer.accelerator.is_main_process
-    close_processes(trainer.accelerator)
-    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
-        push_run_folder(output_dir, push_to, args)
+    end_run(trainer.accelerator, output_dir, push_to, args)
     return output_dir

@@ -61,10 +61,9 @@ from instruct_tune.models.reward import (
 from instruct_tune.models.sampling import sample_texts
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
-    close_processes,
     configure_logging,
+    end_run,
     finish_run,
-    push_run_folder,
     run_training,
     take_push_request,
 )
@@ -722,8 +721,5 @@ def run_reward(
             table = calibration_markdown(calibration)
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
-    main_process = trainer.is_world_process_zero()
-    close_processes(trainer.accelerator)
-    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
-        push_run_folder(output_dir, push_to, training_args)
+    end_run(trainer.accelerator, output_dir, push_to, training_args)
     return output_dir

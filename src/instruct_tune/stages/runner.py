@@ -150,12 +150,18 @@ def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingA
     logger.info("Pushed %s to %s", output_dir, url)
 
 
-def close_processes(accelerator: Accelerator) -> None:
-    """Wait for every process, then end the run: trackers closed, the process group of a multi-process run
-    destroyed. Nothing collective may follow; a push of the run folder comes after it, on the main process.
+def end_run(
+    accelerator: Accelerator, output_dir: str | Path, push_to: str | None, args: TrainingArguments
+) -> None:
+    """Wait for every process, end the run (trackers closed, the process group of a multi-process run
+    destroyed), then push the run folder from the main process: after the last collective, a failed push
+    cannot leave other ranks waiting.
 
     A rank whose interpreter exits while gloo's threads still run aborts ("terminate called without an active
     exception", SIGABRT), which fails the whole launch after the run folder was written.
     """
+    main_process = accelerator.is_main_process  # read while the process group still exists
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if main_process:
+        push_run_folder(output_dir, push_to, args)

@@ -24,10 +24,9 @@ from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.models.lm_head import select_lm_head
 from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
 from instruct_tune.stages.runner import (
-    close_processes,
     configure_logging,
+    end_run,
     finish_run,
-    push_run_folder,
     run_training,
     take_push_request,
 )
@@ -129,8 +128,5 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         datasets=[source.path for source in data_sources(data_args)],
         metrics=metrics,
     )
-    main_process = trainer.is_world_process_zero()
-    close_processes(trainer.accelerator)
-    if main_process:  # after the last collective: a failed push cannot leave other ranks waiting
-        push_run_folder(output_dir, push_to, training_args)
+    end_run(trainer.accelerator, output_dir, push_to, training_args)
     return output_dir
