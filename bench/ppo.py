@@ -79,6 +79,14 @@ def peer(python: Path, base: Path, a: argparse.Namespace, lora_r: int) -> tuple[
     return result["episodes"] / result["seconds"], rss
 
 
+IMPORTS = "import torch, transformers, peft, trl, accelerate, datasets"
+
+
+def import_floor(python: Path | str) -> float:
+    """Peak RSS (MB) of a process that only imports the stack both sides run on: the least either side can use."""
+    return run_timed([str(python), "-c", IMPORTS])[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, default in (("episodes", 256), ("batch", 64), ("mini_batches", 4), ("ppo_epochs", 4),
@@ -103,6 +111,7 @@ def main() -> None:
             rss[side].append(peak)
             print(f"{side:12s} {eps:7.2f} episodes/s  peak RSS {peak:7.0f} MB", flush=True)
     table = {side: summary(values) for side, values in speed.items()}
+    floor = {"ours": import_floor(sys.executable), "trl112": import_floor(python)}
     result = {
         "episodes_per_s_ours": table["ours"]["median"],
         "episodes_per_s_trl112": table["trl112"]["median"],
@@ -117,6 +126,9 @@ def main() -> None:
         "ratio_vs_trl112_lora": table["ours"]["median"] / table["trl112_lora"]["median"],
         "rss_ratio_vs_trl112": max(rss["ours"]) / max(rss["trl112"]),
         "rss_ratio_vs_trl112_lora": max(rss["ours"]) / max(rss["trl112_lora"]),
+        # What importing torch, transformers, peft, trl, accelerate and datasets alone holds, in each venv.
+        "peak_rss_mb_import_floor": floor,
+        "import_floor_share_of_trl112": floor["ours"] / max(rss["trl112"]),
         "episodes_per_s": table,
         "runs": speed,
         "peak_rss_mb_runs": rss,
@@ -126,6 +138,8 @@ def main() -> None:
     for side, s in table.items():
         print(f"{side:12s} episodes/s min {s['min']:6.2f} median {s['median']:6.2f} max {s['max']:6.2f}  "
               f"peak RSS {max(rss[side]):6.0f} MB  ours/this x{table['ours']['median'] / s['median']:.2f}")  # fmt: skip
+    print(f"importing the stack alone: ours {floor['ours']:.0f} MB, trl 1.12 venv {floor['trl112']:.0f} MB "
+          f"({result['import_floor_share_of_trl112']:.2f}x trl 1.12's peak)")  # fmt: skip
     write_result("ppo", result)
 
 

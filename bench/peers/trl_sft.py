@@ -21,6 +21,7 @@ parser.add_argument("--batch_size", type=int, default=32)
 parser.add_argument("--max_length", type=int, default=256)
 parser.add_argument("--packing", default="default", help="default (TRL's), none, bfd or wrapped")
 parser.add_argument("--padding_free", action="store_true")
+parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="batch_size rows per micro-batch / this")
 # TRL turns bf16 on whenever fp16 is off, also on a CPU: here that is bf16 autocast on a CPU without a fast bf16
 # matmul (1.34 GFLOP/s against 117.7 in fp32, bench/machine.py), which made every TRL run crawl. Both sides
 # train in fp32 unless --bf16 is given.
@@ -37,7 +38,9 @@ if args.padding_free:
     if args.packing == "none":  # TRL does not cut rows without packing here; no demonstration is that long
         options["max_length"] = None
 config = SFTConfig(
-    output_dir="/tmp/trl-sft-bench", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
+    output_dir="/tmp/trl-sft-bench", max_steps=args.steps,
+    per_device_train_batch_size=args.batch_size // args.gradient_accumulation_steps,
+    gradient_accumulation_steps=args.gradient_accumulation_steps,
     max_length=options.pop("max_length", args.max_length), learning_rate=1e-3, logging_steps=args.steps, save_strategy="no",
     report_to=[], disable_tqdm=True, use_cpu=True, bf16=args.bf16, **options,
 )  # fmt: skip
