@@ -84,9 +84,11 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
-# made on first use), then the machine's matmul peak and our SFT's share of it. Run on a quiet machine.
+# made on first use), then the machine's matmul peak and our SFT's share of it, then PPO again at ~100M parameters
+# (ours and trl 1.12, one repeat: bench/results/ppo_large.json). Run on a quiet machine.
 bench: install tiny
 	$(BIN)/python bench/sft.py && $(BIN)/python bench/ppo.py && $(BIN)/python bench/machine.py
+	$(BIN)/python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
 
 tiny: install
 	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2

@@ -1,6 +1,10 @@
 """PPO episodes/s and peak RSS: our PPO stage against trl==1.12.0's `PPOTrainer`, same models and settings.
 
     python bench/ppo.py [--episodes 256] [--repeats 2]        (`make bench` runs it; it makes the trl venv)
+    python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
+
+The second (`make bench` runs it too) is a ~100M-parameter GPT-2, where four models' weights and optimizer state
+outweigh what importing the stack holds (about 490 MB in either venv).
 
 Both sides start from the same ~11M-parameter GPT-2 (random weights, the memory benchmark's tokenizer), sample
 24-token answers at temperature 1 to the tiny task's prompts with rollout batch 64, 4 minibatches, 4 PPO epochs,
@@ -92,10 +96,12 @@ def main() -> None:
     for name, default in (("episodes", 256), ("batch", 64), ("mini_batches", 4), ("ppo_epochs", 4),
                           ("response_length", 24), ("repeats", 2), ("n_embd", 384), ("n_layer", 6)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--sides", default="ours,ours_full,trl112,trl112_lora", help="comma-separated; ours and trl112 always run")
+    parser.add_argument("--name", default="ppo", help="result file bench/results/NAME.json")
     a = parser.parse_args()
     python = peer_python()
     base, sft, reward, n_params = models(a.n_embd, a.n_layer)
-    sides = ("ours", "ours_full", "trl112", "trl112_lora")
+    sides = tuple(dict.fromkeys(["ours", "trl112", *a.sides.split(",")]))
     speed: dict[str, list[float]] = {side: [] for side in sides}
     rss: dict[str, list[float]] = {side: [] for side in sides}
     phases: dict[str, list[float]] = {}  # our per-step time split, for the profile line
@@ -113,19 +119,11 @@ def main() -> None:
     table = {side: summary(values) for side, values in speed.items()}
     floor = {"ours": import_floor(sys.executable), "trl112": import_floor(python)}
     result = {
-        "episodes_per_s_ours": table["ours"]["median"],
-        "episodes_per_s_trl112": table["trl112"]["median"],
-        "episodes_per_s_trl112_lora": table["trl112_lora"]["median"],
-        "episodes_per_s_ours_full": table["ours_full"]["median"],
-        "peak_rss_mb_ours_full": max(rss["ours_full"]),
+        **{f"episodes_per_s_{side}": table[side]["median"] for side in sides},
+        **{f"peak_rss_mb_{side}": max(rss[side]) for side in sides},
         "our_step_seconds": {key: summary(values) for key, values in phases.items()},
-        "peak_rss_mb_ours": max(rss["ours"]),
-        "peak_rss_mb_trl112": max(rss["trl112"]),
-        "peak_rss_mb_trl112_lora": max(rss["trl112_lora"]),
-        "ratio_vs_trl112": table["ours"]["median"] / table["trl112"]["median"],
-        "ratio_vs_trl112_lora": table["ours"]["median"] / table["trl112_lora"]["median"],
-        "rss_ratio_vs_trl112": max(rss["ours"]) / max(rss["trl112"]),
-        "rss_ratio_vs_trl112_lora": max(rss["ours"]) / max(rss["trl112_lora"]),
+        **{f"ratio_vs_{side}": table["ours"]["median"] / table[side]["median"] for side in sides if side.startswith("trl")},
+        **{f"rss_ratio_vs_{side}": max(rss["ours"]) / max(rss[side]) for side in sides if side.startswith("trl")},
         # What importing torch, transformers, peft, trl, accelerate and datasets alone holds, in each venv.
         "peak_rss_mb_import_floor": floor,
         "import_floor_share_of_trl112": floor["ours"] / max(rss["trl112"]),
@@ -140,7 +138,7 @@ def main() -> None:
               f"peak RSS {max(rss[side]):6.0f} MB  ours/this x{table['ours']['median'] / s['median']:.2f}")  # fmt: skip
     print(f"importing the stack alone: ours {floor['ours']:.0f} MB, trl 1.12 venv {floor['trl112']:.0f} MB "
           f"({result['import_floor_share_of_trl112']:.2f}x trl 1.12's peak)")  # fmt: skip
-    write_result("ppo", result)
+    write_result(a.name, result)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument(
+        "--from_runs", action="store_true", help="summarise bench/results/sft_runs.jsonl (an interrupted run) instead"
+    )
     args = parser.parse_args()
     model = bench_model()
     data = bench_data(args.steps * args.batch * 4)
@@ -102,8 +105,17 @@ def main() -> None:
     rss: dict[str, list[float]] = {name: [] for name in speed}
     progress = RESULTS / "sft_runs.jsonl"  # one line per finished run, so a stalled run loses nothing before it
     progress.parent.mkdir(parents=True, exist_ok=True)
-    progress.write_text("")
-    for repeat in range(args.repeats):  # alternate the sides within each repeat
+    if args.from_runs:
+        for line in progress.read_text().splitlines():
+            run = json.loads(line)
+            speed[run["setting"]].append(run["tokens_per_s"])
+            rss[run["setting"]].append(run["peak_rss_mb"])
+        args.repeats = min(len(values) for values in speed.values())
+        if not args.repeats:
+            raise SystemExit(f"{progress} holds no finished run of every setting")
+    else:
+        progress.write_text("")
+    for repeat in range(0 if args.from_runs else args.repeats):  # alternate the sides within each repeat
         for name in speed:
             if name in OUR_SETTINGS:
                 tokens_per_s, peak = ours(
