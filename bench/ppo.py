@@ -4,7 +4,7 @@
     python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
 
 The second (`make bench` runs it too) is a ~100M-parameter GPT-2, where four models' weights and optimizer state
-outweigh what importing the stack holds (about 490 MB in either venv).
+outweigh what importing the stack holds (473 MB in our venv, 426 MB in trl 1.12's, session 8).
 
 Both sides start from the same ~11M-parameter GPT-2 (random weights, the memory benchmark's tokenizer), sample
 24-token answers at temperature 1 to the tiny task's prompts with rollout batch 64, 4 minibatches, 4 PPO epochs,
