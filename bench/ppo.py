@@ -84,6 +84,7 @@ def peer(python: Path, base: Path, a: argparse.Namespace, lora_r: int) -> tuple[
 
 
 IMPORTS = "import torch, transformers, peft, trl, accelerate, datasets"
+SIDES = ("ours", "ours_full", "trl112", "trl112_lora")
 
 
 def import_floor(python: Path | str) -> float:
@@ -96,12 +97,15 @@ def main() -> None:
     for name, default in (("episodes", 256), ("batch", 64), ("mini_batches", 4), ("ppo_epochs", 4),
                           ("response_length", 24), ("repeats", 2), ("n_embd", 384), ("n_layer", 6)):  # fmt: skip
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--sides", default="ours,ours_full,trl112,trl112_lora", help="comma-separated; ours and trl112 always run")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated; ours and trl112 always run")
     parser.add_argument("--name", default="ppo", help="result file bench/results/NAME.json")
     a = parser.parse_args()
+    sides = tuple(dict.fromkeys(["ours", "trl112", *a.sides.split(",")]))
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        parser.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
     python = peer_python()
     base, sft, reward, n_params = models(a.n_embd, a.n_layer)
-    sides = tuple(dict.fromkeys(["ours", "trl112", *a.sides.split(",")]))
     speed: dict[str, list[float]] = {side: [] for side in sides}
     rss: dict[str, list[float]] = {side: [] for side in sides}
     phases: dict[str, list[float]] = {}  # our per-step time split, for the profile line

@@ -115,19 +115,21 @@ def main() -> None:
             raise SystemExit(f"{progress} holds no finished run of every setting")
     else:
         progress.write_text("")
-    for repeat in range(0 if args.from_runs else args.repeats):  # alternate the sides within each repeat
-        for name in speed:
-            if name in OUR_SETTINGS:
-                tokens_per_s, peak = ours(
-                    model, data, args.steps, args.batch, args.max_length, OUR_SETTINGS[name], MICRO_BATCH.get(name)
-                )
-            else:
-                tokens_per_s, peak = peer(model, data, args.steps, args.batch, args.max_length, PEER_SETTINGS[name])
-            speed[name].append(tokens_per_s)
-            rss[name].append(peak)
-            with progress.open("a") as f:
-                f.write(json.dumps({"repeat": repeat, "setting": name, "tokens_per_s": tokens_per_s, "peak_rss_mb": peak}) + "\n")
-            print(f"{name}: {tokens_per_s:.0f} tokens/s, peak RSS {peak:.0f} MB", flush=True)
+        for repeat in range(args.repeats):  # alternate the sides within each repeat
+            for name in speed:
+                if name in OUR_SETTINGS:
+                    tokens_per_s, peak = ours(
+                        model, data, args.steps, args.batch, args.max_length, OUR_SETTINGS[name], MICRO_BATCH.get(name)
+                    )
+                else:
+                    tokens_per_s, peak = peer(
+                        model, data, args.steps, args.batch, args.max_length, PEER_SETTINGS[name]
+                    )
+                speed[name].append(tokens_per_s)
+                rss[name].append(peak)
+                with progress.open("a") as f:
+                    f.write(json.dumps({"repeat": repeat, "setting": name, "tokens_per_s": tokens_per_s, "peak_rss_mb": peak}) + "\n")
+                print(f"{name}: {tokens_per_s:.0f} tokens/s, peak RSS {peak:.0f} MB", flush=True)
     table = {name: summary(values) for name, values in speed.items()}
     fastest = max(PEER_SETTINGS, key=lambda n: table[n]["median"])
     best = max(OUR_SETTINGS, key=lambda n: table[n]["median"])

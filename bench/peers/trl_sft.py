@@ -27,6 +27,8 @@ parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="
 # train in fp32 unless --bf16 is given.
 parser.add_argument("--bf16", action="store_true")
 args = parser.parse_args()
+if args.batch_size % args.gradient_accumulation_steps:
+    parser.error(f"--batch_size {args.batch_size} is not a multiple of --gradient_accumulation_steps")
 
 options = {}
 if args.packing == "none":
