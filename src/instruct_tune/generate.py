@@ -44,28 +44,46 @@ def generate_file(
     seed: int = 0,
     batch_size: int = 32,
 ) -> int:
-    """Answer every prompt of `input_path`; write JSONL rows (prompt, response, ended_with_eos); returns rows."""
-    from instruct_tune.models.sampling import sample_texts
+    """Answer every prompt of `input_path`; write JSONL rows (prompt, response, ended_with_eos); returns rows.
+
+    A prompt longer than the model's context leaves room for is cut from the left, with a warning naming it;
+    rows are written batch by batch, so the answers so far stay on disk if a later batch fails.
+    """
+    from instruct_tune.models.prompt_fit import context_budget, fit_prompt
+    from instruct_tune.models.sampling import decode_responses, encode_prompts, sample_id_batches
 
     prompts = read_prompts(input_path)
     model, tokenizer = load_policy(policy)
-    with torch.no_grad():
-        texts, ended = sample_texts(
+    budget = context_budget(model, max_new_tokens)
+    encoded = encode_prompts(tokenizer, prompts)
+    ids = [fit_prompt(x, budget, f"{input_path}: prompt {i}") for i, x in enumerate(encoded, 1)]
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    rows = iter(prompts)
+    written = 0
+    with output_path.open("w", encoding="utf-8") as out, torch.no_grad():
+        batches = sample_id_batches(
             model,
             tokenizer,
-            prompts,
-            max_new_tokens=max_new_tokens,
+            ids,
+            max_new_tokens=budget.max_new_tokens,
             temperature=temperature,
             seed=seed,
             batch_size=batch_size,
         )
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    with output_path.open("w", encoding="utf-8") as out:
-        for prompt, text, eos in zip(prompts, texts, ended, strict=True):
-            row = {"prompt": prompt[-1]["content"], "messages": prompt, "response": text, "ended_with_eos": eos}
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return len(texts)
+        for rollout in batches:
+            for text, eos in zip(decode_responses(tokenizer, rollout), rollout.has_eos.tolist(), strict=True):
+                prompt = next(rows)
+                row = {
+                    "prompt": prompt[-1]["content"],
+                    "messages": prompt,
+                    "response": text,
+                    "ended_with_eos": eos,
+                }
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                written += 1
+            out.flush()
+    return written
 
 
 def chat(
@@ -79,12 +97,15 @@ def chat(
     """Chat in the terminal: each answer streams as it is generated and the history is kept for the next turn.
 
     `/history` prints it, `/reset` clears it, `/exit` or end of input (Ctrl-D) ends; returns the last history.
+    When the history outgrows the model's context its oldest turns are dropped (a system turn is kept).
     """
     from transformers import TextStreamer
 
-    from instruct_tune.models.sampling import encode_prompts, left_pad, sample_responses
+    from instruct_tune.models.prompt_fit import context_budget, trim_history
+    from instruct_tune.models.sampling import left_pad, sample_responses
 
     model, tokenizer = load_policy(policy)
+    budget = context_budget(model, max_new_tokens)
     device = next(model.parameters()).device
     history: list[dict] = []
     print(f"Chatting with {policy} (/history, /reset, /exit or Ctrl-D)", file=out, flush=True)
@@ -106,8 +127,13 @@ def chat(
             continue
         if not line:
             continue
-        history.append({"role": "user", "content": line})
-        query, mask = left_pad(encode_prompts(tokenizer, [history]), tokenizer.pad_token_id)
+        history, ids, dropped = trim_history(tokenizer, [*history, {"role": "user", "content": line}], budget)
+        if dropped:
+            note = (
+                f"(dropped the {dropped} oldest turns to fit the model's context of {budget.context} tokens)"
+            )
+            print(note, file=out, flush=True)
+        query, mask = left_pad([ids], tokenizer.pad_token_id)
         print("assistant> ", end="", file=out, flush=True)
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.no_grad():
@@ -116,7 +142,7 @@ def chat(
                 tokenizer,
                 query.to(device),
                 mask.to(device),
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=budget.max_new_tokens,
                 temperature=temperature,
                 streamer=streamer,
             )

@@ -69,21 +69,50 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def upload_plan(folder: str | Path, *, include_checkpoints: bool = False) -> list[Upload]:
-    """The files a push of `folder` sends: model or adapter, tokenizer, card (and checkpoints if asked)."""
+    """The files a push of `folder` sends: model or adapter, tokenizer, card (and checkpoints if asked).
+
+    Only regular files inside the folder go up: a symlink is followed only when it resolves to a file inside
+    the folder; one leading anywhere else (or nowhere) makes this a PushError naming it, dry run included.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise PushError(f"{folder}: no such run folder")
+    root = folder.resolve()
     names = set(MODEL_FILES) | set(TOKENIZER_FILES) | {CARD_FILE}
-    chosen = [p for p in folder.iterdir() if p.is_file() and p.name in names]
+    chosen = [p for p in folder.iterdir() if p.name in names and (p.is_file() or p.is_symlink())]
     chosen += [p for pattern in MODEL_FILE_PATTERNS for p in folder.glob(pattern)]
     if not any(p.name in ("adapter_model.safetensors", "model.safetensors") or p.match("model-*") for p in chosen):
         raise PushError(f"{folder}: no adapter_model.safetensors or model.safetensors: not a finished run folder")
+    refused: list[Path] = []
     if include_checkpoints:
         for checkpoint in sorted(folder.glob("checkpoint-*")):
-            for p in sorted(checkpoint.rglob("*")):
-                if p.is_file() and not any(p.match(pattern) for pattern in CHECKPOINT_STATE_PATTERNS):
-                    chosen.append(p)
-    return [Upload(p, p.relative_to(folder).as_posix(), p.stat().st_size) for p in sorted(set(chosen))]
+            if not _inside(root, checkpoint):
+                refused.append(checkpoint)
+                continue
+            for parent, dirs, files in os.walk(checkpoint):  # does not descend into symlinked folders
+                here = Path(parent)
+                refused += [here / d for d in dirs if not _inside(root, here / d)]
+                chosen += [
+                    here / f
+                    for f in files
+                    if not any((here / f).match(pattern) for pattern in CHECKPOINT_STATE_PATTERNS)
+                ]
+    refused += [p for p in chosen if not (_inside(root, p) and p.resolve().is_file())]
+    if refused:
+        links = ", ".join(f"{p.relative_to(folder).as_posix()} -> {os.path.realpath(p)}" for p in sorted(set(refused)))
+        raise PushError(
+            f"{folder}: refusing to upload symlinks that lead out of the run folder (or to no file): {links}. "
+            "Replace each with the file itself or remove it; nothing was uploaded"
+        )
+    return [
+        Upload(p.resolve() if p.is_symlink() else p, p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in sorted(set(chosen))
+    ]
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether `path`, every symlink on the way resolved, lies inside the (resolved) folder `root`."""
+    return path.resolve().is_relative_to(root)
 
 
 def format_plan(plan: list[Upload]) -> str:
@@ -92,10 +121,16 @@ def format_plan(plan: list[Upload]) -> str:
     return "\n".join([*lines, f"{sum(u.size for u in plan):>12,d}  total, {len(plan)} files"])
 
 
-def card_for_upload(folder: str | Path) -> bytes | None:
+def card_for_upload(folder: str | Path, repo_id: str | None = None) -> bytes | None:
     """The card as it goes up: `base_model` re-resolved now, since the run folder this one was trained from
-    may have been pushed after this card was written (its repo then becomes this card's `base_model`)."""
+    may have been pushed after this card was written (its repo then becomes this card's `base_model`).
+
+    In the usage code, the folder's own path becomes `repo_id`, and each run folder it loads that was pushed
+    becomes that repo's id: readers of the Hub page load from the Hub, not from this machine's paths.
+    """
     from huggingface_hub import ModelCard
+
+    from instruct_tune.models.adapter_base import adapter_chain, base_hub_id
 
     path = Path(folder) / CARD_FILE
     if not path.is_file():
@@ -106,6 +141,12 @@ def card_for_upload(folder: str | Path) -> bytes | None:
     pushed_source = bool(source) and (Path(source) / HUB_FILE).is_file()
     if pushed_source or not card.data.base_model:
         card.data.base_model = hub_id_of(source) or card.data.base_model
+    root, adapters = adapter_chain(folder)
+    names = {str(Path(p).resolve()): base_hub_id(p) for p in [root, *adapters[:-1]] if Path(p).exists()}
+    names[str(Path(folder).resolve())] = repo_id
+    for path, hub_id in names.items():
+        if hub_id:
+            card.text = card.text.replace(f'"{path}"', f'"{hub_id}"')
     return str(card).encode()
 
 
@@ -145,7 +186,7 @@ def push_folder(
             "nothing was uploaded"
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    card = card_for_upload(folder)
+    card = card_for_upload(folder, repo_id)
     operations = [
         CommitOperationAdd(
             path_in_repo=u.path_in_repo,
@@ -167,7 +208,11 @@ def push_folder(
                 "namespace; nothing was uploaded"
             ) from None
         if status == 404:
-            raise PushError(f"{repo_id} or revision {revision!r} not found on the Hub (HTTP 404)") from None
+            branch = f", or it has no branch {revision!r}" if revision else ""
+            raise PushError(
+                f"the Hub answered HTTP 404 for {repo_id}: the repo does not exist or this token has no access "
+                f"to it{branch}; nothing was uploaded"
+            ) from None
         if status is not None:
             raise PushError(f"the Hub answered HTTP {status} for {repo_id}: {str(error)[:300]}") from None
         if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import DataError, LoadReport
+from .values import finite_number, margin_problem
 
 __all__ = [
     "FORMATS",
@@ -485,8 +486,10 @@ def _order_by_scores(scores: Any, k: int) -> list[int]:
         n = len(scores) if isinstance(scores, (list, tuple)) else _type_name(scores)
         raise _RowProblem(f"scores must be a list of {k} numbers, one per response (got {n})")
     for i, s in enumerate(scores):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or math.isnan(s):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or (isinstance(s, float) and math.isnan(s)):
             raise _RowProblem(f"scores[{i}] is not a number (got {_type_name(s)})")
+        if finite_number(s) is None:
+            raise _RowProblem(f"scores[{i}] is not a finite number (got {s!r:.40})")
     first_with: dict[float, int] = {}
     for i, s in enumerate(scores):
         if s in first_with:
@@ -637,6 +640,8 @@ def convert_rows(
         if problem is None:
             try:
                 produced = emit(parse(row, row_num), row_num)
+                if kind == "preference" and (bad := margin_problem(row.get("margin"), produced)):
+                    raise _RowProblem(bad)
             except _RowProblem as e:
                 problem = DataError(source, str(e), row=row_num)
         if problem is not None:

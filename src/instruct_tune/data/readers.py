@@ -7,9 +7,6 @@ caller decides whether to stop at it, skip it or collect it.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,7 @@ from typing import Any
 import datasets
 
 from .errors import DataError
+from .text_files import parse_csv_text, parse_json_text
 
 __all__ = ["FILE_SUFFIXES", "RawSource", "RowItem", "looks_local", "read_source"]
 
@@ -89,58 +87,11 @@ def _read_file(source: str, path: Path) -> RawSource:
     except OSError as e:
         raise DataError(source, f"cannot read file ({e.strerror or e})") from e
     if suffix == ".csv":
-        columns, items = _parse_csv(source, text)
+        columns, items = parse_csv_text(source, text)
     else:
-        items = _parse_json(source, text, suffix)
+        items = parse_json_text(source, text, suffix)
         columns = _union_columns(row for _, row in items if isinstance(row, dict))
     return _from_items(source, items, columns, default_task=path.stem)
-
-
-def _parse_json(source: str, text: str, suffix: str) -> list[RowItem]:
-    if suffix == ".json":
-        # A .json file is a list of objects, a single (maybe pretty-printed) object, or JSON lines.
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if text.lstrip().startswith("["):
-                # An array is one document: a syntax error anywhere makes the whole file unreadable.
-                raise DataError(source, f"malformed JSON ({e})") from e
-        else:
-            if isinstance(data, list):
-                return [(i, _as_object(source, i, obj)) for i, obj in enumerate(data, 1)]
-            return [(1, _as_object(source, 1, data))]
-    items: list[RowItem] = []
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028 or \x85, which splitlines() breaks on.
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            items.append((lineno, DataError(source, f"malformed JSON ({e})", row=lineno)))
-            continue
-        items.append((lineno, _as_object(source, lineno, obj)))
-    return items
-
-
-def _as_object(source: str, row: int, obj: Any) -> dict[str, Any] | DataError:
-    if isinstance(obj, dict):
-        return obj
-    kind = "null" if obj is None else type(obj).__name__
-    return DataError(source, f"row is not a JSON object (got {kind})", row=row)
-
-
-def _parse_csv(source: str, text: str) -> tuple[list[str], list[RowItem]]:
-    # The stdlib reader keeps every cell a string, so numbers-as-text stay text (pandas would cast them).
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    items: list[RowItem] = []
-    try:
-        for i, row in enumerate(reader, 1):
-            items.append((i, {k: v for k, v in row.items() if k is not None}))
-    except csv.Error as e:
-        # The reader cannot resynchronise after a broken quote, so the rest of the file is one problem.
-        items.append((len(items) + 1, DataError(source, f"malformed CSV ({e})", row=len(items) + 1)))
-    return [c for c in reader.fieldnames or [] if c], items
 
 
 def _union_columns(rows: Iterator[dict[str, Any]]) -> list[str]:

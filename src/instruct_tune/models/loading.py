@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -26,8 +29,11 @@ from trl import get_quantization_config
 
 from instruct_tune.artifacts import is_hub_id
 from instruct_tune.config import ModelArguments
+from instruct_tune.models.adapter_base import absolute_source, adapter_base, adapter_chain
 from instruct_tune.models.chat_template import ensure_chat_template
+from instruct_tune.models.gguf_convert import resolve_gguf
 from instruct_tune.models.lora_targets import lora_target_modules
+from instruct_tune.models.weight_files import check_weight_files
 
 logger = logging.getLogger(__name__)
 
@@ -36,30 +42,6 @@ Head = Literal["causal", "reward"]
 # Existing tokens that checkpoints reserve for padding; one of them is preferred over adding a new token.
 _PAD_CANDIDATES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>", "<|padding|>")
 _NEW_PAD_TOKEN = "<|pad|>"
-
-
-def adapter_base(path: str | Path) -> str | None:
-    """The base model of a LoRA adapter folder, or None when `path` is not one."""
-    config_file = Path(path) / "adapter_config.json"
-    if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text())["base_model_name_or_path"]
-
-
-def adapter_chain(path: str | Path) -> tuple[str, list[str]]:
-    """The root checkpoint under `path` and the adapter folders to merge into it, oldest first.
-
-    A plain checkpoint gives `(path, [])`; an SFT run folder `(base, [sft])`; a reward model trained from
-    that SFT run folder `(base, [sft, reward])`.
-    """
-    adapters: list[str] = []
-    current = str(path)
-    while (base := adapter_base(current)) is not None:
-        adapters.append(current)
-        if base in adapters or len(adapters) > 16:
-            raise ValueError(f"{path}: adapter folders name each other as base ({' -> '.join(adapters)})")
-        current = base
-    return current, adapters[::-1]
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -85,20 +67,35 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
 
 
 def require_source(source: str) -> None:
-    """Fail with the path named when `source` is neither an existing folder nor shaped like a Hub id."""
-    if not Path(source).exists() and not is_hub_id(source):
-        raise FileNotFoundError(
-            f"{source}: no such folder (and not a Hub id, which reads owner/name): check the path, or run the "
-            "stage that writes it first"
-        )
+    """Fail with the path named when `source` is neither an existing folder nor shaped like a Hub id.
+
+    An `owner/name` whose `owner` is a folder here (`models/tiny-typo` beside `models/`) is a mistyped local
+    path, not a Hub id.
+    """
+    if Path(source).exists():
+        return
+    owner = Path(source).parts[0] if Path(source).parts else ""
+    if is_hub_id(source) and not Path(owner).is_dir():
+        return
+    local = f" ({owner}/ is a local folder, so this names a path in it)" if is_hub_id(source) else ""
+    raise FileNotFoundError(
+        f"{source}: no such folder{local} (and not a Hub id, which reads owner/name): check the path, or run "
+        "the stage that writes it first"
+    )
 
 
 def load_tokenizer(model_args: ModelArguments, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Load the tokenizer with a pad token distinct from EOS and a chat template."""
+    """Load the tokenizer with a pad token distinct from EOS and a chat template.
+
+    A GGUF source (a `.gguf` path, or `gguf_file`) is converted first and `model_args` pointed at the folder.
+    """
+    resolve_gguf(model_args)
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source is None:
         raise ValueError("model_name_or_path is not set: give a Hub id, a local checkpoint or a run folder")
     require_source(source)
+    if model_args.model_name_or_path and model_args.model_name_or_path != source:
+        require_source(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(
         source, revision=model_args.model_revision, trust_remote_code=trust_remote_code
     )
@@ -160,6 +157,33 @@ def lora_config(model_args: ModelArguments, model_type: str, head: Head) -> Lora
     )
 
 
+def _adapter_holds_head(adapters: list[str]) -> bool:
+    """Whether one of the adapter folders saves a trained reward head (`score` in its modules_to_save)."""
+    for adapter in adapters:
+        config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        if config.get("task_type") == "SEQ_CLS" and "score" in (config.get("modules_to_save") or []):
+            return True
+    return False
+
+
+@contextmanager
+def _head_comes_later(auto_class: type, checkpoint: str, expected: bool, **config_kwargs) -> Iterator[None]:
+    """While loading a causal-LM checkpoint as a reward model whose head an adapter brings: the missing
+    `score` head (and an untied `lm_head` left over) are expected, not reported as problems."""
+    if not expected:
+        yield
+        return
+    config = AutoConfig.from_pretrained(checkpoint, **config_kwargs)
+    model_class = auto_class._model_mapping[type(config)]
+    saved = model_class._keys_to_ignore_on_load_missing, model_class._keys_to_ignore_on_load_unexpected
+    model_class._keys_to_ignore_on_load_missing = [*(saved[0] or []), r"^score\."]
+    model_class._keys_to_ignore_on_load_unexpected = [*(saved[1] or []), r"^lm_head\."]
+    try:
+        yield
+    finally:
+        model_class._keys_to_ignore_on_load_missing, model_class._keys_to_ignore_on_load_unexpected = saved
+
+
 def load_model(
     model_args: ModelArguments,
     tokenizer: PreTrainedTokenizerBase,
@@ -171,8 +195,9 @@ def load_model(
     """Load the model of `model_args` ready to train: LoRA-wrapped when `use_peft`, 4-bit for QLoRA.
 
     A run folder holding an adapter is loaded as its base with the adapter merged in; the new adapter (if
-    any) is trained on top of that.
+    any) is trained on top of that. A GGUF source is converted first (see `load_tokenizer`).
     """
+    resolve_gguf(model_args)
     source = model_args.model_name_or_path
     base, adapters = adapter_chain(source) if source is not None else (None, [])
     base = base if adapters else None
@@ -194,7 +219,18 @@ def load_model(
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["device_map"] = _kbit_device_map()
-    model = auto_class.from_pretrained(base or source, **{k: v for k, v in kwargs.items() if v is not None})
+    # An absolute path, so that the adapters saved from this model name a base that loads from anywhere.
+    checkpoint = absolute_source(base or source)
+    for folder in (checkpoint, *adapters):
+        check_weight_files(folder)  # a truncated weights file is named before the loaders trip over it
+    with _head_comes_later(
+        auto_class,
+        checkpoint,
+        head == "reward" and _adapter_holds_head(adapters),
+        revision=model_args.model_revision,
+        trust_remote_code=trust_remote_code,
+    ):
+        model = auto_class.from_pretrained(checkpoint, **{k: v for k, v in kwargs.items() if v is not None})
 
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

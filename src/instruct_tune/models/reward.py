@@ -43,8 +43,10 @@ def reward_input_ids(
 ) -> list[list[int]]:
     """Token ids the reward model reads for each (prompt, response): prompt + assistant turn, chat template.
 
-    The one tokenisation of reward-model inputs, used in training, evaluation and scoring alike. It equals
-    what `trl.RewardTrainer` does for conversational data (`apply_chat_template(prompt + completion)`).
+    The one tokenisation of reward-model inputs, used in training, evaluation and scoring alike: what
+    `trl.RewardTrainer` does for conversational data (`apply_chat_template(prompt + completion)`), cut after
+    the turn's EOS. Templates that write text after EOS (ChatML's `<|im_end|>` then a newline) would put the
+    reward on that text, while PPO reads it at the EOS its policy samples end with.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -55,7 +57,16 @@ def reward_input_ids(
         for prompt, response in zip(prompts, responses, strict=True)
     ]
     encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)
-    return [list(ids) for ids in encoded["input_ids"]]
+    return [through_last_eos(list(ids), tokenizer.eos_token_id) for ids in encoded["input_ids"]]
+
+
+def through_last_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """`ids` up to and including its last EOS (all of it when it has none)."""
+    if eos_token_id is not None:
+        for end in range(len(ids) - 1, -1, -1):
+            if ids[end] == eos_token_id:
+                return ids[: end + 1]
+    return ids
 
 
 def pad_right(
@@ -103,11 +114,11 @@ def read_normalization(path: str | Path) -> dict[str, Any] | None:
 
 
 def write_normalization(path: str | Path, normalization: Mapping[str, Any]) -> Path:
-    """Write `reward_normalization.json` ({"bias", "mean", "std", "n", "source"}) into the run folder."""
-    file = Path(path) / NORMALIZATION_FILE
-    file.parent.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(dict(normalization), indent=2) + "\n")
-    return file
+    """Write `reward_normalization.json` ({"bias", "mean", "std", "n", "source"}) into the run folder,
+    atomically: the reward stage writes it last, and make reads it as the sign of a finished folder."""
+    from instruct_tune.checkpoints import write_atomic
+
+    return write_atomic(Path(path) / NORMALIZATION_FILE, json.dumps(dict(normalization), indent=2) + "\n")
 
 
 class RewardModel:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from instruct_tune.models.prompt_encoding import encode_chats
+
 
 def first_eos_mask(
     responses: torch.Tensor, eos_token_id: int | list[int]
@@ -77,11 +79,42 @@ class Rollout:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict]]) -> list[list[int]]:
-    """Token ids of each chat prompt up to the assistant's turn (chat template with generation prompt)."""
-    encoded = tokenizer.apply_chat_template(
-        [list(p) for p in prompts], add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return [list(ids) for ids in encoded["input_ids"]]
+    """Token ids of each chat prompt up to the assistant's turn (chat template with generation prompt).
+
+    Special-token strings typed into a message (`<|endoftext|>`) are tokenized as text, not as control tokens.
+    """
+    return encode_chats(tokenizer, prompts, add_generation_prompt=True)
+
+
+# Config attributes that bound the positions a model takes, in the order they are looked up.
+CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def config_context(config: Any) -> tuple[int, str] | None:
+    """`(limit, attribute)`: the positions a model config allows and the key that says so (None: no limit)."""
+    if config is None:
+        return None
+    values = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+    for name in CONTEXT_ATTRIBUTES:
+        value = values.get(name)
+        if isinstance(value, int) and value > 0:
+            return value, name
+    return None
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The most positions the model reads (its config's position limit), or None when it declares none."""
+    found = config_context(getattr(model, "config", None))
+    return found[0] if found else None
+
+
+def prompts_that_fit(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict]], max_tokens: int | None
+) -> list[int]:
+    """Indices of the chat prompts whose tokens (with the generation prompt) number at most `max_tokens`."""
+    if max_tokens is None:
+        return list(range(len(prompts)))
+    return [i for i, ids in enumerate(encode_prompts(tokenizer, prompts)) if len(ids) <= max_tokens]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +179,17 @@ def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> li
 
 
 def sample_batches(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Sequence[dict]], **sampling: Any
+) -> Iterator[Rollout]:
+    """Sample one response per chat prompt, `batch_size` prompts at a time, each batch seeded `seed + first row`
+    (the options of `sample_id_batches`)."""
+    yield from sample_id_batches(model, tokenizer, encode_prompts(tokenizer, prompts), **sampling)
+
+
+def sample_id_batches(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Sequence[dict]],
+    ids: Sequence[Sequence[int]],
     *,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -156,9 +197,8 @@ def sample_batches(
     seed: int = 0,
     batch_size: int = 64,
 ) -> Iterator[Rollout]:
-    """Sample one response per chat prompt, `batch_size` prompts at a time, each batch seeded `seed + first row`."""
+    """`sample_batches` for prompts already encoded (token id lists), e.g. cut to fit the context."""
     device = next(model.parameters()).device
-    ids = encode_prompts(tokenizer, prompts)
     for start in range(0, len(ids), batch_size):
         query, mask = left_pad(ids[start : start + batch_size], tokenizer.pad_token_id)
         yield sample_responses(

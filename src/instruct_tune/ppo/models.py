@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from instruct_tune.config import ModelArguments
-from instruct_tune.models.loading import adapter_chain, load_model, lora_config
+from instruct_tune.models.loading import adapter_base, adapter_chain, load_model, lora_config
 from instruct_tune.models.packed_forward import Packing, has_plain_lm_head
 from instruct_tune.models.reward import read_normalization
 
@@ -290,8 +290,8 @@ def reward_shares_policy_base(policy_path: str, reward_path: str) -> bool:
     _, reward_adapters = adapter_chain(reward_path)
     if not reward_adapters or not _same_path(reward_adapters[-1], reward_path):
         return False
-    reward_parent = PeftConfig.from_pretrained(reward_path).base_model_name_or_path
-    return _same_path(reward_parent, policy_path)
+    reward_parent = adapter_base(reward_path)
+    return reward_parent is not None and _same_path(reward_parent, policy_path)
 
 
 def _load_reward_adapter(model: PeftModel, reward_path: str, names: tuple[str, ...]) -> nn.Linear:
@@ -355,8 +355,7 @@ def build_ppo_models(
         logger.info(
             "PPO sets lora_dropout %s to 0: dropout is off in every PPO model", model_args.lora_dropout
         )
-        model_args = copy.copy(model_args)
-        model_args.lora_dropout = 0.0
+        model_args.lora_dropout = 0.0  # on the caller's arguments: the run folder's config.yaml says what ran
     policy = load_model(model_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
     if model_args.use_peft and shared_base and reward_shares_policy_base(policy_path, reward_path):
         head = _load_reward_adapter(policy, reward_path, (REWARD, VALUE))

@@ -27,16 +27,18 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from instruct_tune.checkpoints import PPO_STATE_FILE, checkpoint_folders, save_state_atomically, trim_jsonl
 from instruct_tune.config import PPOStageConfig
 from instruct_tune.models.reward import pad_right
 from instruct_tune.models.sampling import Rollout, decode_responses, left_pad
 from instruct_tune.ppo import core
 from instruct_tune.ppo.models import PPOModels
 from instruct_tune.ppo.rollout import sample_rollout
+from instruct_tune.ppo.sanity import PolicyGuard
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "ppo_state.json"
+STATE_FILE = PPO_STATE_FILE
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -171,6 +173,7 @@ class PPOTrainer:
         )
         self.step = 0
         self.log_history: list[dict[str, Any]] = []
+        self.policy_guard = PolicyGuard(args)  # max_kl, min_eos_share (instruct_tune.ppo.sanity)
 
     # --- data ---------------------------------------------------------------------------------------------
 
@@ -368,16 +371,17 @@ class PPOTrainer:
     # --- evaluation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, prefix: str = "eval") -> dict[str, float]:
+    def evaluate(self, prefix: str = "eval", prompts: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
         """Mean score, KL to the reference, length and EOS share of the policy's answers to held-out prompts.
 
         Sampled at the training temperature with a fixed seed, so the start and end figures compare alike.
         """
-        n = min(self.args.eval_samples, len(self.eval_prompts))
+        pool = self.eval_prompts if prompts is None else list(prompts)  # `prompts`: this process's, all used
+        n = min(self.args.eval_samples, len(pool)) if prompts is None else len(pool)
         if n == 0:
             return {}
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        mine = self.eval_prompts[:n][rank::world]
+        mine = pool[:n][rank::world] if prompts is None else pool
         sums = torch.zeros(5, device=self.accelerator.device)
         chunk = self.args.rollout_batch_size
         for start in range(0, len(mine), chunk):
@@ -409,16 +413,12 @@ class PPOTrainer:
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, RNG states (accelerate) plus step, beta and log history."""
+        """Model, optimizer, scheduler, RNG states (accelerate) plus step, beta and log history, written under
+        a temporary name and renamed when whole (a kill or a full disk leaves no partial `checkpoint-*`)."""
         folder = self.output_dir / f"checkpoint-{self.step}"
-        self.accelerator.save_state(str(folder), safe_serialization=True)
+        state = {"step": self.step, "kl_controller": self.kl_controller.state_dict(), "log_history": self.log_history}
+        save_state_atomically(self.accelerator, folder, {STATE_FILE: json.dumps(state)})
         if self.accelerator.is_main_process:
-            state = {
-                "step": self.step,
-                "kl_controller": self.kl_controller.state_dict(),
-                "log_history": self.log_history,
-            }
-            (folder / STATE_FILE).write_text(json.dumps(state))
             self._rotate_checkpoints()
         self.accelerator.wait_for_everyone()
         return folder
@@ -427,8 +427,7 @@ class PPOTrainer:
         limit = self.args.save_total_limit
         if not limit:
             return
-        folders = sorted(self.output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in folders[:-limit]:
+        for old in checkpoint_folders(self.output_dir)[limit:]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, folder: str | Path) -> None:
@@ -442,6 +441,8 @@ class PPOTrainer:
         self.step = int(state["step"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.log_history = state["log_history"]
+        if self.accelerator.is_main_process:  # the steps after the checkpoint are sampled again
+            trim_jsonl(self.output_dir / SAMPLES_FILE, self.step)
         logger.info("Resumed PPO from %s at step %d of %d", folder, self.step, self.num_steps)
 
     # --- the loop -------------------------------------------------------------------------------------
@@ -505,6 +506,8 @@ class PPOTrainer:
         args = self.args
         if resume_from is not None:
             self.load_checkpoint(resume_from)
+        elif self.accelerator.is_main_process:  # a fresh run: no samples of an earlier one
+            (self.output_dir / SAMPLES_FILE).unlink(missing_ok=True)
         metrics: dict[str, Any] = {}
         if self.step == 0 and self.eval_prompts:
             metrics.update(self.evaluate("eval_start"))
@@ -512,6 +515,9 @@ class PPOTrainer:
         else:
             start_record = next((r for r in self.log_history if "eval_start_reward" in r), {})
             metrics.update(start_record)
+        if "eval_start_eos_share" in metrics:
+            start = (metrics["eval_start_kl"], metrics["eval_start_eos_share"], metrics["eval_start_prompts"])
+            self.policy_guard.check(self.step, "start eval", *start)
         if self.step == 0:
             self.log_history.append(dict(metrics))
         started = time.perf_counter()
@@ -528,6 +534,9 @@ class PPOTrainer:
             self.step += 1
             stats = self._step_stats(batch, entropy, train_stats, {"generate": t1 - t0, "train": t2 - t1})
             check_finite(self.step, **{k: v for k, v in stats.items() if isinstance(v, float)})
+            responses = args.rollout_batch_size * self.accelerator.num_processes
+            figures = (stats["objective/kl"], stats["response/eos_share"], responses)
+            self.policy_guard.check(self.step, "rollout", *figures)
             self.kl_controller.update(
                 stats["objective/kl"], args.rollout_batch_size * self.accelerator.num_processes
             )
@@ -544,7 +553,9 @@ class PPOTrainer:
                 logger.info("step %d: %s", self.step, _fmt(stats))
             if args.sample_steps and (self.step % args.sample_steps == 0 or self.step == 1):
                 self._log_samples(batch.rollout, batch.scores)
-            if args.save_steps and self.step % int(args.save_steps) == 0 and self.step < self.num_steps:
+            # The last step too: a kill before the run folder is written then redoes no step (and logs no
+            # sample twice).
+            if args.save_steps and (self.step % int(args.save_steps) == 0 or self.step == self.num_steps):
                 self.save_checkpoint()
         bar.close()
         runtime = time.perf_counter() - started
@@ -552,10 +563,16 @@ class PPOTrainer:
         metrics.update({k: v for k, v in last.items() if "/" in k or k in ("kl_coef", "episodes")})
         metrics["train_runtime"] = runtime
         metrics["ppo_steps"] = self.step
-        if self.eval_prompts:
-            end = self.evaluate("eval_end")
-            metrics.update(end)
+        end = self.evaluate("eval_end") if self.eval_prompts else {}
+        if end:
             logger.info("After PPO: %s", _fmt(end))
+            figures = (end["eval_end_kl"], end["eval_end_eos_share"], end["eval_end_prompts"])
+            self.policy_guard.check(self.step, "end eval", *figures)
+            metrics.update(end)
+        elif args.max_kl is not None or args.min_eos_share:  # the last update is seen by no rollout: probe it
+            probe = self.evaluate("probe", prompts=self._prompt_batch(self.step))
+            figures = (probe["probe_kl"], probe["probe_eos_share"], probe["probe_prompts"])
+            self.policy_guard.check(self.step, "after-training probe", *figures)
         return metrics
 
 

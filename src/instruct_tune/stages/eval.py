@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from instruct_tune.artifacts import CARD_FILE, append_to_card, is_hub_id, write_metrics
+from instruct_tune.checkpoints import write_atomic
 from instruct_tune.config import ConfigError, EvalStageConfig, ModelArguments, save_config
 from instruct_tune.data import load_source
 from instruct_tune.metrics import load_metric
@@ -49,6 +50,7 @@ from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.models.sampling import decode_responses, sample_batches
 from instruct_tune.ppo.core import logprobs_from_logits
 from instruct_tune.ppo.models import lm_logits
+from instruct_tune.stages.lengths import prompts_in_context
 from instruct_tune.tiny import task as tiny_task
 
 logger = logging.getLogger(__name__)
@@ -558,6 +560,15 @@ def run_eval(args: EvalStageConfig) -> Path:
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     distinct = load_prompts(args)
+    sft_model, sft_tokenizer = load_policy(args.sft_path, "sft_path", args.trust_remote_code)
+    # Prompts longer than the context less max_new_tokens are skipped and counted (`eval_prompts_skipped`).
+    keep = prompts_in_context(
+        sft_tokenizer, distinct.messages, sft_model, args.max_new_tokens, args.dataset_name
+    )
+    skipped = len(distinct.texts) - len(keep)
+    texts = [distinct.texts[i] for i in keep]
+    messages, tasks = [distinct.messages[i] for i in keep], [distinct.tasks[i] for i in keep]
+    distinct = EvalPrompts(messages, texts, tasks, has_gold_judge(texts))
     times = args.samples_per_prompt
     # Every answer list below is aligned with `prompts`: the distinct prompts `times` over.
     prompts = distinct.repeated(times)
@@ -571,7 +582,6 @@ def run_eval(args: EvalStageConfig) -> Path:
     decodings = {SAMPLED: args.temperature, **({GREEDY: 0.0} if args.greedy else {})}
     folders = {SFT: args.sft_path, **dict(zip(names, args.policy_paths, strict=True))}
 
-    sft_model, sft_tokenizer = load_policy(args.sft_path, "sft_path", args.trust_remote_code)
     text_ids = (
         text_rows(sft_tokenizer, args.ptx_eval_dataset, args.ptx_eval_rows, args.ptx_eval_max_length)
         if args.ptx_eval_dataset
@@ -634,6 +644,7 @@ def run_eval(args: EvalStageConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(output_dir, args)
     meta = {"eval_prompts": len(distinct.texts), "samples_per_prompt": times, "gold_judge": prompts.has_gold}
+    meta["eval_prompts_skipped"] = skipped  # longer than the model's context less max_new_tokens
     write_metrics(output_dir, metrics_for(per_policy, names[0], meta))
     write_samples(output_dir / SAMPLES_FILE, prompts, answers, rewards)
 
@@ -647,10 +658,10 @@ def run_eval(args: EvalStageConfig) -> Path:
         plot_families(output_dir / FAMILY_PLOT, per_policy, prompts.families)
         plots.append(FAMILY_PLOT)
     report = results_markdown(args, distinct, per_policy, folders, plots)
-    (output_dir / RESULTS_FILE).write_text(report)
     for name, folder in folders.items():
         if name != SFT and (Path(folder) / CARD_FILE).is_file():
             append_to_card(folder, EVAL_CARD_SECTION, card_section(report, output_dir))
+    write_atomic(output_dir / RESULTS_FILE, report)  # last: make's sign of a finished eval folder
     logger.info("Wrote eval folder %s", output_dir)
     print(report)
     return output_dir

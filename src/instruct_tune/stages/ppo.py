@@ -15,6 +15,7 @@ from typing import Any
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from instruct_tune.checkpoints import disk_full_named, ppo_checkpoint_problem
 from instruct_tune.config import (
     ConfigError,
     DataArguments,
@@ -23,12 +24,15 @@ from instruct_tune.config import (
 )
 from instruct_tune.data import load_source
 from instruct_tune.models import adapter_base, load_tokenizer
+from instruct_tune.models.adapter_base import record_adapter_base
 from instruct_tune.models.sampling import encode_prompts
+from instruct_tune.models.template_compare import chat_template_difference
 from instruct_tune.ppo.models import POLICY, build_ppo_models
 from instruct_tune.ppo.trainer import PPOTrainer
-from instruct_tune.stages.data_sources import data_sources, train_eval_sets
+from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
+from instruct_tune.stages.lengths import check_fits_context, model_context, prompt_budget
+from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
 from instruct_tune.stages.runner import (
-    checkpoint_to_resume,
     configure_logging,
     end_run,
     take_push_request,
@@ -47,8 +51,8 @@ def check_same_tokenizer(
         problems.append("vocabularies differ")
     if policy.eos_token != reward.eos_token:
         problems.append(f"EOS differs ({policy.eos_token!r} vs {reward.eos_token!r})")
-    if policy.chat_template != reward.chat_template:
-        problems.append("chat templates differ")
+    if (difference := chat_template_difference(policy, reward)) is not None:
+        problems.append(f"chat templates differ: the policy's renders {difference[0]!r}, its {difference[1]!r}")
     if problems:
         raise ConfigError(
             f"reward_model_path {reward_path}: its tokenizer does not match the policy's ({'; '.join(problems)}). "
@@ -57,21 +61,18 @@ def check_same_tokenizer(
 
 
 def prompt_ids(
-    tokenizer: PreTrainedTokenizerBase, prompts: list, max_length: int, what: str
+    tokenizer: PreTrainedTokenizerBase, prompts: list, max_length: int, what: str, limit: str | None = None
 ) -> list[list[int]]:
-    """Encoded prompts, skipping (and counting) those longer than `max_length` tokens."""
+    """Encoded prompts, skipping (and counting) those longer than `max_length` tokens (`limit` says why)."""
+    limit = limit or f"max_prompt_length {max_length}"
     encoded = encode_prompts(tokenizer, prompts)
     kept = [ids for ids in encoded if len(ids) <= max_length]
     if len(kept) < len(encoded):
         logger.warning(
-            "%s: skipped %d of %d prompts longer than max_prompt_length %d",
-            what,
-            len(encoded) - len(kept),
-            len(encoded),
-            max_length,
+            "%s: skipped %d of %d prompts longer than %s", what, len(encoded) - len(kept), len(encoded), limit
         )
     if not kept:
-        raise ConfigError(f"{what}: no prompt fits max_prompt_length {max_length}")
+        raise ConfigError(f"{what}: no prompt fits {limit}")
     return kept
 
 
@@ -100,27 +101,40 @@ def save_policy(
     if isinstance(policy, PeftModel):
         policy.peft_config[POLICY].base_model_name_or_path = sft_path
         policy.save_pretrained(str(output_dir), selected_adapters=[POLICY])
+        record_adapter_base(output_dir, sft_path)
     else:
         policy.save_pretrained(str(output_dir))
     tokenizer.save_pretrained(str(output_dir))
 
 
-def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
+def run_ppo(
+    args: PPOStageConfig,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_options: RunFolderArguments | None = None,
+) -> Path:
     """Train the PPO policy and write its run folder; returns the folder."""
     configure_logging(args)
     push_to = take_push_request(args)
     set_seed(args.seed)
     if not args.reward_model_path:
         raise ConfigError("reward_model_path: set it to the reward stage's run folder")
-    sft_path = model_args.model_name_or_path
+    run_folder = open_run_folder(
+        "ppo", args, (args, data_args, model_args), run_options, checkpoint_problem=ppo_checkpoint_problem
+    )
     tokenizer = load_tokenizer(model_args, trust_remote_code=args.trust_remote_code)
+    sft_path = model_args.model_name_or_path  # read after the loader: a GGUF source is now its converted folder
     reward_tokenizer = load_tokenizer(ModelArguments(model_name_or_path=args.reward_model_path))
     check_same_tokenizer(tokenizer, reward_tokenizer, args.reward_model_path)
+    context = model_context(sft_path, trust_remote_code=args.trust_remote_code)
+    max_prompt, limit = prompt_budget("ppo", args.max_prompt_length, args.max_new_tokens, context, sft_path)
+    if args.ptx_coef > 0:
+        check_fits_context("ppo", "ptx_max_length", args.ptx_max_length, context, sft_path)
 
     train, eval_set = train_eval_sets(data_args, "prompts", seed=args.seed)
-    prompts = prompt_ids(tokenizer, list(train["prompt"]), args.max_prompt_length, "prompts")
+    prompts = prompt_ids(tokenizer, list(train["prompt"]), max_prompt, "prompts", limit)
     eval_prompts = (
-        prompt_ids(tokenizer, list(eval_set["prompt"]), args.max_prompt_length, "eval prompts")
+        prompt_ids(tokenizer, list(eval_set["prompt"]), max_prompt, "eval prompts", limit)
         if eval_set is not None and args.eval_samples > 0
         else []
     )
@@ -140,28 +154,29 @@ def run_ppo(args: PPOStageConfig, data_args: DataArguments, model_args: ModelArg
     )
     logger.info("PPO models: %s", models.layout)
     trainer = PPOTrainer(args, models, tokenizer, prompts, eval_prompts=eval_prompts, ptx_rows=ptx)
-    resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
-    metrics: dict[str, Any] = trainer.train(resume)
+    metrics: dict[str, Any] = trainer.train(run_folder.resume_checkpoint(trainer.accelerator))
     metrics["model_layout"] = models.layout
 
     output_dir = Path(args.output_dir)
     trainer.accelerator.wait_for_everyone()
     if trainer.accelerator.is_main_process:
-        save_policy(trainer, output_dir, tokenizer, sft_path)
-        state = {
-            "global_step": trainer.step,
-            "max_steps": trainer.num_steps,
-            "log_history": trainer.log_history,
-        }
-        (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        write_run_folder(
-            output_dir,
-            stage="ppo",
-            configs=(args, data_args, model_args),
-            base_model=adapter_base(sft_path) or sft_path,
-            datasets=[source.path for source in data_sources(data_args)],
-            metrics=metrics,
-            lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
-        )
+        with disk_full_named(output_dir):  # metrics.json last (write_run_folder): make's sign of a finished folder
+            save_policy(trainer, output_dir, tokenizer, sft_path)
+            state = {
+                "global_step": trainer.step,
+                "max_steps": trainer.num_steps,
+                "log_history": trainer.log_history,
+            }
+            (output_dir / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            write_run_folder(
+                output_dir,
+                stage="ppo",
+                configs=(args, data_args, model_args),
+                base_model=adapter_base(sft_path) or sft_path,
+                datasets=[source.path for source in data_sources(data_args)],
+                metrics=metrics,
+                lineage={"SFT policy": sft_path, "reward model": args.reward_model_path},
+                eval_data=eval_set_description(data_args),
+            )
     end_run(trainer.accelerator, output_dir, push_to, args)
     return output_dir

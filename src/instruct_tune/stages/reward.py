@@ -58,8 +58,12 @@ from instruct_tune.models.reward import (
     reward_input_ids,
     write_normalization,
 )
-from instruct_tune.models.sampling import sample_texts
-from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
+from instruct_tune.models.sampling import context_length, prompts_that_fit, sample_texts
+from instruct_tune.models.template_compare import chat_template_difference, render_probe
+from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
+from instruct_tune.stages.guards import NonFiniteGuard, check_loaded_weights, check_metrics, check_weights
+from instruct_tune.stages.lengths import fit_max_length, model_context
+from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
 from instruct_tune.stages.runner import (
     configure_logging,
     end_run,
@@ -126,10 +130,13 @@ def group_comparisons(pairs: Dataset) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> Dataset:
+def tokenize_groups(
+    groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int | None, what: str = "train"
+) -> Dataset:
     """Add `input_ids` (one list per response) and `length` (tokens of the prompt's responses together).
 
-    Responses over `max_length` tokens are dropped with their pairs, and prompts left without a pair.
+    Responses over `max_length` tokens are dropped with their pairs, and prompts left without a pair;
+    `what` names the set (train or eval) in the messages.
     """
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
@@ -163,7 +170,8 @@ def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
     kept = sum(len(b) for b in tokenized["better"])
     if kept < n_pairs:
         logger.warning(
-            "Dropped %d of %d comparisons with a response over max_length=%s tokens (%d of %d prompts left)",
+            "%s set: dropped %d of %d comparisons with a response over max_length=%s tokens (%d of %d prompts left)",
+            what,
             n_pairs - kept,
             n_pairs,
             max_length,
@@ -171,7 +179,10 @@ def tokenize_groups(groups: Dataset, tokenizer: PreTrainedTokenizerBase, max_len
             len(groups),
         )
     if len(tokenized) == 0:
-        raise ValueError(f"no comparison fits in max_length={max_length} tokens")
+        raise ConfigError(
+            f"{what} set: no comparison fits in max_length={max_length} tokens (prompt and response together): "
+            "raise max_length (up to the model's context) or give shorter comparisons"
+        )
     return tokenized
 
 
@@ -379,15 +390,20 @@ def can_share_prompt(model: nn.Module) -> bool:
     return _score_module_name(model) is not None and attention_implementation(model) in PACKED_ATTENTION
 
 
-class GroupedRewardTrainer(RewardTrainer):
-    """`trl.RewardTrainer` over one row per prompt: own tokenisation, collator and loss; the rest is TRL's."""
+class GroupedRewardTrainer(NonFiniteGuard, RewardTrainer):
+    """`trl.RewardTrainer` over one row per prompt: own tokenisation, collator and loss; the rest is TRL's.
+
+    A NaN/inf loss or logged figure stops training (`instruct_tune.stages.guards`).
+    """
+
+    guard_stage = "reward"
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "input_ids" in dataset.column_names:
             return dataset
         if "responses" not in dataset.column_names:
             dataset = group_comparisons(dataset)
-        return tokenize_groups(dataset, processing_class, args.max_length)
+        return tokenize_groups(dataset, processing_class, args.max_length, dataset_name)
 
     def _set_signature_columns_if_needed(self) -> None:
         if self._signature_columns is None:
@@ -509,16 +525,14 @@ def calibration_markdown(table: Sequence[Mapping[str, float]]) -> str:
 def check_chat_template(tokenizer: PreTrainedTokenizerBase, source: str, policy_path: str) -> None:
     """Refuse a reward model whose chat template (or EOS) differs from the policy's it will score."""
     policy_tokenizer = load_tokenizer(ModelArguments(model_name_or_path=policy_path))
-    same = (
-        policy_tokenizer.chat_template == tokenizer.chat_template
-        and policy_tokenizer.eos_token == tokenizer.eos_token
-    )
-    if not same:
-        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    # Compared by rendering: templates that differ only by a Jinja comment are the same template.
+    difference = chat_template_difference(tokenizer, policy_tokenizer)
+    if difference is None and policy_tokenizer.eos_token != tokenizer.eos_token:
+        difference = render_probe(tokenizer, 0), render_probe(policy_tokenizer, 0)
+    if difference is not None:
         raise ConfigError(
             f"chat templates differ: the reward model's tokenizer ({source}) renders a chat as "
-            f"{tokenizer.apply_chat_template(probe, tokenize=False)!r}, the policy's ({policy_path}) as "
-            f"{policy_tokenizer.apply_chat_template(probe, tokenize=False)!r}. The reward model must read "
+            f"{difference[0]!r}, the policy's ({policy_path}) as {difference[1]!r}. The reward model must read "
             "responses as the policy writes them: initialise it from the SFT run folder or pass its "
             "tokenizer with `tokenizer_name_or_path`."
         )
@@ -533,21 +547,28 @@ def sample_policy(
     seed: int,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
-) -> list[str]:
-    """One sampled response per prompt from the policy run folder (the sampler of every stage, seeded)."""
+    max_length: int | None = None,
+) -> tuple[list[int], list[str]]:
+    """One sampled response per prompt from the policy run folder (the sampler of every stage, seeded).
+
+    Prompts with no room for `max_new_tokens` within `max_length` and the policy's context are skipped;
+    returns the indices of the prompts answered and their responses.
+    """
     model_args = ModelArguments(model_name_or_path=policy_path)
     tokenizer = load_tokenizer(model_args)
     model = load_model(model_args, tokenizer, head="causal").to(device).eval()
+    limits = [n for n in (context_length(model), max_length) if n is not None]
+    kept = prompts_that_fit(tokenizer, prompts, min(limits) - max_new_tokens if limits else None)
     texts, _ = sample_texts(
         model,
         tokenizer,
-        prompts,
+        [prompts[i] for i in kept],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
         batch_size=batch_size,
     )
-    return texts
+    return kept, texts
 
 
 def reference_responses(
@@ -565,17 +586,28 @@ def reference_responses(
         if len(prompts) > args.normalization_samples:
             chosen = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed))
             prompts = [prompts[i] for i in sorted(chosen[: args.normalization_samples].tolist())]
-        responses = sample_policy(
+        kept, responses = sample_policy(
             args.policy_path,
             prompts,
             max_new_tokens=args.normalization_max_new_tokens,
             temperature=args.normalization_temperature,
             seed=args.seed,
             device=device,
+            max_length=args.max_length,
         )
+        skipped = len(prompts) - len(kept)
+        limit = f"max_length {args.max_length} and the policy's context, with normalization_max_new_tokens room"
+        if not kept:
+            raise ConfigError(f"normalisation: none of the {len(prompts)} prompts of {where} fits {limit}")
+        if skipped:
+            logger.warning(
+                "Normalisation: skipped %d of %d prompts of %s longer than %s", skipped, len(prompts), where, limit
+            )
         temperature = args.normalization_temperature
-        source = f"samples of {args.policy_path} (T={temperature:g}) on {len(prompts)} of {where}"
-        return list(prompts), responses, source
+        source = f"samples of {args.policy_path} (T={temperature:g}) on {len(kept)} of {where}" + (
+            f" ({skipped} longer prompts skipped)" if skipped else ""
+        )
+        return [prompts[i] for i in kept], responses, source
     if eval_groups is None:
         raise ConfigError(
             "normalisation needs `policy_path` or an eval set (its chosen responses are the reference)"
@@ -615,17 +647,24 @@ def _head_is_new(model_name_or_path: str) -> bool:
 
 
 def run_reward(
-    training_args: RewardStageConfig, data_args: DataArguments, model_args: ModelArguments
+    training_args: RewardStageConfig,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_options: RunFolderArguments | None = None,
 ) -> Path:
     """Train the reward model, evaluate and normalise it, and write its run folder; returns the folder."""
     configure_logging(training_args)
     push_to = take_push_request(training_args)
     set_seed(training_args.seed)
     training_args.disable_dropout = model_args.disable_dropout
-    source = model_args.model_name_or_path
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
+    source = model_args.model_name_or_path  # read after the loader: a GGUF source is now its converted folder
+    if training_args.max_length is not None:
+        context = model_context(source, trust_remote_code=training_args.trust_remote_code)
+        fit_max_length("reward", training_args, context, source)
     if training_args.policy_path:
         check_chat_template(tokenizer, model_args.tokenizer_name_or_path or source, training_args.policy_path)
+    run_folder = open_run_folder("reward", training_args, (training_args, data_args, model_args), run_options)
 
     train_pairs, eval_pairs = train_eval_sets(data_args, "preference", seed=training_args.seed)
     if training_args.use_margin and "margin" not in train_pairs.column_names:
@@ -655,6 +694,7 @@ def run_reward(
     if _head_is_new(source):
         std = init_reward_head(model, seed=training_args.seed)
         logger.info("Reward head initialised N(0, %.3g)", std)
+    check_loaded_weights(model, "reward", source)
     if hasattr(model, "peft_config"):
         # The adapter is trained on `source` (e.g. the SFT run folder, merged): record it as the base, so
         # loading the reward run folder merges the SFT adapter first.
@@ -680,7 +720,8 @@ def run_reward(
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
-    metrics = run_training(trainer)
+    metrics = run_training(trainer, run_folder)
+    check_weights(trainer.model, "reward", f"after step {trainer.state.global_step}")
 
     rm = RewardModel(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
     calibration: list[dict[str, float]] = []
@@ -697,6 +738,7 @@ def run_reward(
         normalization = normalize(rm, prompts, responses, where)
         metrics.update({"reward_bias": normalization["bias"], "reward_std": normalization["std"]})
         trainer.log_metrics("all", metrics)
+    check_metrics(metrics, "reward", trainer.state.global_step)  # bias and std included
 
     output_dir = finish_run(
         trainer,
@@ -705,10 +747,10 @@ def run_reward(
         source=source,
         datasets=[s.path for s in data_sources(data_args)],
         metrics=metrics,
+        eval_data=eval_set_description(data_args),
     )
     if trainer.is_world_process_zero():
         assert normalization is not None
-        write_normalization(output_dir, normalization)
         append_to_card(
             output_dir,
             "Normalisation",
@@ -721,5 +763,6 @@ def run_reward(
             table = calibration_markdown(calibration)
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
+        write_normalization(output_dir, normalization)  # last: make's sign of a finished reward folder
     end_run(trainer.accelerator, output_dir, push_to, training_args)
     return output_dir

@@ -8,13 +8,22 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
+from instruct_tune.checkpoints import (
+    CheckpointProblem,
+    choose_checkpoint,
+    disk_full_named,
+    trainer_checkpoint_problem,
+)
 from instruct_tune.config import ConfigError, resolved_config, save_config
 from instruct_tune.hub import PushError, check_repo_id, push_folder
+from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
+from instruct_tune.stages.run_folder import RunFolder
+from instruct_tune.stages.run_lock import release_lock
+from instruct_tune.stages.train_metrics import whole_run_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -30,30 +39,40 @@ def configure_logging(args: TrainingArguments) -> None:
     package_logger.setLevel(logging.INFO if level == logging.WARNING and args.should_log else level)
 
 
-def checkpoint_to_resume(output_dir: str, resume_from_checkpoint: str | None) -> str | None:
+def checkpoint_to_resume(
+    output_dir: str, resume_from_checkpoint: str | None, problem: CheckpointProblem | None = None
+) -> str | None:
     """The checkpoint a stage continues from: the one asked for, else the newest in `output_dir`, else None.
 
-    `resume_from_checkpoint` may be a path, or "true"/"last" for the newest checkpoint of `output_dir`.
+    `resume_from_checkpoint` may be a path, or "true"/"last" for the newest checkpoint of `output_dir`. With
+    `problem` (e.g. `trainer_checkpoint_problem`) only complete checkpoints count: incomplete newer ones are
+    skipped, logged and removed.
     """
-    if resume_from_checkpoint and resume_from_checkpoint.lower() not in ("true", "last"):
-        if not Path(resume_from_checkpoint).is_dir():
-            raise FileNotFoundError(
-                f"resume_from_checkpoint: {resume_from_checkpoint} is not a checkpoint folder"
-            )
-        return resume_from_checkpoint
-    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    if resume_from_checkpoint and last is None:
-        raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint-* folder in {output_dir}")
-    if last is not None:
-        logger.info("Resuming from %s", last)
-    return last
+    return choose_checkpoint(output_dir, resume_from_checkpoint, problem)
 
 
-def run_training(trainer: Trainer) -> dict[str, Any]:
-    """Train, continuing from the checkpoint `checkpoint_to_resume` picks; returns the training metrics."""
+class DropPickledArgs(TrainerCallback):
+    """Remove the Trainer's pickled `training_args.bin` from each checkpoint it saves: it holds every option
+    in plain text, `hub_token` included (the run folder keeps `config.yaml`, without secrets, instead)."""
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            for path in Path(args.output_dir).glob("checkpoint-*/training_args.bin"):
+                path.unlink(missing_ok=True)
+
+
+def run_training(trainer: Trainer, run_folder: RunFolder | None = None) -> dict[str, Any]:
+    """Train, continuing from the checkpoint `run_folder` chose (else the newest complete one of the output
+    folder); returns the training metrics. A full disk is named as such (`DiskFullError`)."""
     args = trainer.args
-    resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint)
-    return dict(trainer.train(resume_from_checkpoint=resume).metrics)
+    trainer.add_callback(DropPickledArgs())
+    if run_folder is not None:
+        resume = run_folder.resume_checkpoint(trainer.accelerator)
+    else:
+        resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint, trainer_checkpoint_problem)
+    with disk_full_named(args.output_dir):
+        metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    return whole_run_metrics(metrics, trainer.state.log_history, resumed=resume is not None)
 
 
 def write_run_folder(
@@ -65,12 +84,15 @@ def write_run_folder(
     datasets: Sequence[str],
     metrics: Mapping[str, Any],
     lineage: Mapping[str, str] | None = None,
+    eval_data: str | None = None,
 ) -> Path:
-    """Write `config.yaml`, `metrics.json` and the model card beside a saved model; drop pickled files."""
+    """Write `config.yaml`, the model card and `metrics.json` beside a saved model; drop pickled files.
+
+    `metrics.json` comes last (atomically): make reads it as the sign of a finished SFT or PPO folder.
+    """
     output_dir = Path(output_dir)
     remove_pickled_files(output_dir)
     save_config(output_dir, *configs)
-    write_metrics(output_dir, metrics)
     write_model_card(
         output_dir,
         stage=stage,
@@ -80,7 +102,9 @@ def write_run_folder(
         config=resolved_config(*configs),
         metrics=metrics,
         lineage=lineage,
+        eval_data=eval_data,
     )
+    write_metrics(output_dir, metrics)
     logger.info("Wrote %s run folder %s", stage, output_dir)
     return output_dir
 
@@ -93,6 +117,7 @@ def finish_run(
     source: str,
     datasets: Sequence[str],
     metrics: Mapping[str, Any],
+    eval_data: str | None = None,
 ) -> Path:
     """Save model/adapter, tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` and the model card.
 
@@ -100,20 +125,23 @@ def finish_run(
     when it is an earlier stage's adapter folder, records it as the lineage.
     """
     output_dir = Path(trainer.args.output_dir)
-    trainer.save_model(str(output_dir))
-    if not trainer.is_world_process_zero():
-        return output_dir
-    trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
-    root, adapters = adapter_chain(source)
-    return write_run_folder(
-        output_dir,
-        stage=stage,
-        configs=configs,
-        base_model=root,
-        datasets=datasets,
-        metrics=metrics,
-        lineage={"initialised from": source} if adapters else {},
-    )
+    with disk_full_named(output_dir):
+        trainer.save_model(str(output_dir))
+        if not trainer.is_world_process_zero():
+            return output_dir
+        record_adapter_base(output_dir, source)  # the adapter was trained on `source` (merged), not on its root
+        trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
+        root, adapters = adapter_chain(source)
+        return write_run_folder(
+            output_dir,
+            stage=stage,
+            configs=configs,
+            base_model=root,
+            datasets=datasets,
+            metrics=metrics,
+            lineage={"initialised from": source} if adapters else {},
+            eval_data=eval_data,
+        )
 
 
 def take_push_request(args: TrainingArguments) -> str | None:
@@ -140,6 +168,8 @@ def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingA
     """Push the finished run folder when the config asked for it (see `take_push_request`)."""
     if repo_id is None:
         return
+    if warning := local_base_warning(output_dir):
+        logger.warning(warning)
     try:
         _, url = push_folder(output_dir, repo_id, private=bool(args.hub_private_repo), revision=args.hub_revision)
     except PushError as error:
@@ -163,5 +193,8 @@ def end_run(
     main_process = accelerator.is_main_process  # read while the process group still exists
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if main_process:
-        push_run_folder(output_dir, push_to, args)
+    try:
+        if main_process:
+            push_run_folder(output_dir, push_to, args)
+    finally:
+        release_lock(output_dir)  # the run folder's lock (`open_run_folder`), held through the push

@@ -22,7 +22,10 @@ from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
 from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.models.lm_head import select_lm_head
-from instruct_tune.stages.data_sources import data_sources, task_tags, train_eval_sets
+from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
+from instruct_tune.stages.guards import NonFiniteGuard, check_loaded_weights, check_metrics, check_weights
+from instruct_tune.stages.lengths import fit_max_length, model_context, sft_row_losses
+from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
 from instruct_tune.stages.runner import (
     configure_logging,
     end_run,
@@ -41,7 +44,13 @@ def to_prompt_completion(example: Mapping[str, Any]) -> dict[str, Any]:
     return {"prompt": messages[:last], "completion": [messages[last]]}
 
 
-class RowPackedSFTTrainer(SFTTrainer):
+class GuardedSFTTrainer(NonFiniteGuard, SFTTrainer):
+    """`SFTTrainer` that stops on a NaN/inf loss or logged figure (see `instruct_tune.stages.guards`)."""
+
+    guard_stage = "sft"
+
+
+class RowPackedSFTTrainer(GuardedSFTTrainer):
     """`SFTTrainer` on rows of several chats collated by `RowPackedCollator`: bfd-packed rows
     (`packing_per_row: true`) or each batch's chats repacked (`repack_batches: true`).
 
@@ -87,12 +96,22 @@ def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
     return metrics
 
 
-def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args: ModelArguments) -> Path:
+def run_sft(
+    training_args: SFTStageConfig,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_options: RunFolderArguments | None = None,
+) -> Path:
     """Train the SFT policy and write its run folder; returns the folder."""
     configure_logging(training_args)
     push_to = take_push_request(training_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
+    source = model_args.model_name_or_path
+    if training_args.max_length is not None:
+        context = model_context(source, trust_remote_code=training_args.trust_remote_code)
+        fit_max_length("sft", training_args, context, source)
+    run_folder = open_run_folder("sft", training_args, (training_args, data_args, model_args), run_options)
     completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss
     train, eval_set = sft_datasets(
         data_args, seed=training_args.seed, completion_only=completion_only, num_proc=training_args.dataset_num_proc
@@ -104,8 +123,9 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         trust_remote_code=training_args.trust_remote_code,
         gradient_checkpointing=training_args.gradient_checkpointing,
     )
+    check_loaded_weights(model, "sft", source)
     rows = training_args.packing_per_row or training_args.repack_batches
-    trainer_class = RowPackedSFTTrainer if rows else SFTTrainer
+    trainer_class = RowPackedSFTTrainer if rows else GuardedSFTTrainer
     trainer = trainer_class(
         model=model,
         args=training_args,
@@ -113,13 +133,17 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         eval_dataset=eval_set,
         processing_class=tokenizer,
     )
+    rows_in = {"train": len(train), **({"eval": len(eval_set)} if eval_set is not None else {})}
+    row_counts = sft_row_losses(trainer, rows_in, training_args.max_dropped_share)
     select_lm_head(trainer.model, training_args.device, training_args.fused_lm_head)
-    metrics = run_training(trainer)
+    metrics = run_training(trainer, run_folder) | row_counts
+    check_weights(trainer.model, "sft", f"after step {trainer.state.global_step}")
     if eval_set is not None:
         metrics.update(trainer.evaluate())
         if data_args.per_task_metrics:
             metrics.update(per_task_eval(trainer, eval_set))
     trainer.log_metrics("all", metrics)
+    check_metrics(metrics, "sft", trainer.state.global_step)
     output_dir = finish_run(
         trainer,
         stage="sft",
@@ -127,6 +151,7 @@ def run_sft(training_args: SFTStageConfig, data_args: DataArguments, model_args:
         source=model_args.model_name_or_path,
         datasets=[source.path for source in data_sources(data_args)],
         metrics=metrics,
+        eval_data=eval_set_description(data_args),
     )
     end_run(trainer.accelerator, output_dir, push_to, training_args)
     return output_dir
