@@ -398,6 +398,39 @@ def test_resumed_reward_run_reports_the_whole_run(walk: dict) -> None:
     assert resumed["train_runtime"] == 0.1
 
 
+def test_reward_rerun_after_a_crash_past_training_reports_the_whole_run(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Killed after its last checkpoint (here: its finished files removed), a rerun resumes at the end and
+    trains no step: its metrics are still those of the whole run, not `train_loss: 0.0` without accuracy."""
+    from instruct_tune.stages.reward import run_reward
+
+    rows = (TINY_DATA / "comparisons.jsonl").read_text().splitlines(keepends=True)[:24]
+    (tmp_path / "cmp.jsonl").write_text("".join(rows))
+    out = tmp_path / "reward"
+
+    def run() -> dict:
+        run_reward(
+            RewardStageConfig(
+                output_dir=str(out), max_steps=3, save_strategy="steps", save_steps=3, logging_steps=1,
+                per_device_train_batch_size=4, learning_rate=3e-3, max_length=128, report_to=[], use_cpu=True,
+                disable_tqdm=True, seed=0, normalization_samples=8,
+            ),
+            DataArguments(dataset_name=str(tmp_path / "cmp.jsonl"), eval_fraction=0.25),
+            ModelArguments(model_name_or_path=str(tiny_model_dir)),
+        )
+        return json.loads((out / "metrics.json").read_text())
+
+    first = run()
+    (out / "reward_normalization.json").unlink()
+    (out / "metrics.json").unlink()
+    again = run()
+    assert again["train_loss"] == pytest.approx(first["train_loss"], abs=1e-3) and again["train_loss"] > 0
+    state = json.loads((out / "trainer_state.json").read_text())  # no step past max_steps (transformers 5
+    # trains one more after resuming from the last checkpoint)
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+    for key in ("eval_accuracy", "eval_margin", "reward_bias"):  # the same model: the checkpoint's weights
+        assert again[key] == pytest.approx(first[key], abs=1e-5), key
+
+
 # --- item 6: the smaller ones ------------------------------------------------------------------------------
 
 

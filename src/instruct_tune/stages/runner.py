@@ -23,7 +23,7 @@ from instruct_tune.models.adapter_base import local_base_warning, record_adapter
 from instruct_tune.models.loading import adapter_chain
 from instruct_tune.stages.run_folder import RunFolder
 from instruct_tune.stages.run_lock import release_lock
-from instruct_tune.stages.train_metrics import whole_run_metrics
+from instruct_tune.stages.train_metrics import NothingLeftToTrain, StopAtTheEnd, whole_run_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,13 @@ def run_training(trainer: Trainer, run_folder: RunFolder | None = None) -> dict[
         resume = run_folder.resume_checkpoint(trainer.accelerator)
     else:
         resume = checkpoint_to_resume(args.output_dir, args.resume_from_checkpoint, trainer_checkpoint_problem)
+    trainer.add_callback(StopAtTheEnd())
     with disk_full_named(args.output_dir):
-        metrics = trainer.train(resume_from_checkpoint=resume).metrics
+        try:
+            metrics = trainer.train(resume_from_checkpoint=resume).metrics
+        except NothingLeftToTrain:
+            logger.info("%s is at the run's last step (%d): nothing left to train", resume, trainer.state.global_step)
+            metrics = {}
     return whole_run_metrics(metrics, trainer.state.log_history, resumed=resume is not None)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from transformers import TrainerCallback
+
 # Keys of a log entry that describe the logging call, not the training window before it.
 _NOT_FIGURES = {"step", "epoch", "learning_rate", "grad_norm", "num_tokens"}
 
@@ -44,3 +46,20 @@ def whole_run_metrics(
             if key not in _NOT_FIGURES and key != "loss" and key not in metrics:
                 out[key] = value
     return out
+
+
+class NothingLeftToTrain(Exception):
+    """Raised by `StopAtTheEnd` when a resumed run's checkpoint already is at its last step."""
+
+
+class StopAtTheEnd(TrainerCallback):
+    """Train no step when resumed from a checkpoint at (or past) the run's last step.
+
+    transformers 5 runs one optimizer step after resuming before it compares the step with `max_steps`, so a
+    run resumed from its final checkpoint trained one step past it. At `on_train_begin` the checkpoint's
+    weights, optimizer and state are loaded: stopping there leaves the model as the checkpoint holds it.
+    """
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise NothingLeftToTrain
