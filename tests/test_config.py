@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -284,3 +285,20 @@ def test_every_recipe_config_parses_with_its_stage_dataclasses(path: Path, tmp_p
             assert got == pytest.approx(value), key
         else:
             assert got == value, key
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--optim", "adafactor"], "`optim` ('adafactor'; PPO always trains with AdamW"),
+        (["--gradient_checkpointing", "true"], "`gradient_checkpointing` (True; not supported by the PPO stage)"),
+        (["--per_device_train_batch_size", "3"], "`per_device_train_batch_size` (3; PPO's batch is rollout_batch_size"),
+    ],
+)
+def test_ppo_refuses_trainer_options_it_does_not_read(flags: list[str], named: str) -> None:
+    from instruct_tune.config import PPOStageConfig
+
+    args = ["--config", str(REPO / "recipes/configs/tiny/ppo.yaml"), *flags]
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        parse_args(PPOStageConfig, DataArguments, ModelArguments, args=args)
+    assert parse_args(PPOStageConfig, DataArguments, ModelArguments, args=args[:2])[0].learning_rate > 0

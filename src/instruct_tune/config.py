@@ -29,6 +29,7 @@ from instruct_tune.config_checks import (
     check_mixture,
     check_number,
     check_trainer_options,
+    refuse_unread_options,
 )
 
 # Fields never written to a saved config: secrets, and per-process values that must come from the launcher.
@@ -270,6 +271,26 @@ class RewardStageConfig(DevicePrecisionDefault, RewardConfig):
             )
 
 
+# The `TrainingArguments` options the PPO stage reads (AdamW, its scheduler, precision, logging, checkpoints,
+# the Hub push and what launchers set).
+PPO_TRAINING_OPTIONS = {
+    "output_dir", "seed", "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+    "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio",
+    "gradient_accumulation_steps", "num_train_epochs", "max_steps", "bf16", "fp16", "use_cpu",
+    "logging_steps", "logging_dir", "report_to", "run_name", "log_level", "log_level_replica",
+    "log_on_each_node", "disable_tqdm", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "push_to_hub", "hub_model_id", "hub_revision", "hub_private_repo", "hub_token", "local_rank",
+}  # fmt: skip
+# What PPO reads in place of some Trainer options a user may reach for.
+PPO_INSTEAD = {
+    "optim": "PPO always trains with AdamW: learning_rate, weight_decay, adam_beta1/2, adam_epsilon",
+    "per_device_train_batch_size": "PPO's batch is rollout_batch_size, split by num_mini_batches and "
+    "gradient_accumulation_steps",
+    "gradient_checkpointing": "not supported by the PPO stage",
+    "eval_strategy": "PPO evaluates eval_samples prompts at the start and the end",
+}
+
+
 @dataclass
 class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
     """Options of our PPO stage (InstructGPT step 3) on top of `transformers.TrainingArguments`.
@@ -373,6 +394,9 @@ class PPOStageConfig(DevicePrecisionDefault, TrainingArguments):
     num_samples_logged: int = field(default=6, metadata={"help": "Rows of each sample table."})
 
     def __post_init__(self) -> None:
+        # Every other TrainingArguments option (optim, gradient_checkpointing, per_device_train_batch_size...)
+        # is ignored by our PPO loop: setting one is an error naming it.
+        refuse_unread_options(self, TrainingArguments, PPO_TRAINING_OPTIONS, "ppo", PPO_INSTEAD)
         super().__post_init__()
         positive = ("rollout_batch_size", "num_mini_batches", "ppo_epochs", "max_new_tokens", "ptx_batch_size")
         for name in (*positive, "max_prompt_length", "ptx_max_length"):

@@ -109,3 +109,46 @@ def check_mixture(entries: list[Any]) -> None:
             raise _error(f"{where}: needs a `path` (a local file/folder or a Hub dataset id)")
         if "weight" in entry:
             check_number(f"{where}.weight", entry["weight"], above=0)
+
+
+def refuse_unread_options(
+    config: Any, base: type, reads: set[str], stage: str, hints: Mapping[str, str] | None = None
+) -> None:
+    """Options `config` inherits from `base` that the stage never reads must keep their defaults.
+
+    A stage config built on `transformers.TrainingArguments` for its plumbing would otherwise accept
+    `--optim adafactor` or `--gradient_checkpointing true` without a word and train as if they were unset.
+    Call before `base.__post_init__`, which rewrites some values.
+    """
+    import dataclasses
+
+    changed = []
+    own = {f.name for f in dataclasses.fields(type(config))} - {f.name for f in dataclasses.fields(base)}
+    for f in dataclasses.fields(base):
+        if not f.init or f.name in reads or f.name in own or f.name.startswith("_"):
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        value = getattr(config, f.name)
+        plain = getattr(value, "value", value)  # an enum member against its string default
+        default = getattr(default, "value", default)
+        # The command-line parser spells some unset defaults its own way ("" as None, "no" as False).
+        unset = (None, False, "", "no", [], {})
+        if plain != default and not (_is_unset(plain, unset) and _is_unset(default, unset)):
+            hint = (hints or {}).get(f.name)
+            changed.append(f"`{f.name}` ({plain!r}{'; ' + hint if hint else ''})")
+    if changed:
+        raise _error(
+            f"{stage}: {', '.join(changed)} set, but the {stage} stage does not read "
+            f"{'this option' if len(changed) == 1 else 'these options'} (its own options and the Trainer "
+            "options it uses are listed by `--help`): remove it; nothing was read or trained"
+        )
+
+
+def _is_unset(value: Any, unset: tuple) -> bool:
+    """Whether `value` is one of the spellings of "not set" (types compared, so 0 is not False)."""
+    return any(type(value) is type(u) and value == u for u in unset)
