@@ -32,7 +32,8 @@ export TOKENIZERS_PARALLELISM := false
 # A CPU-only machine gets the CPU build of torch (no CUDA wheels); a machine with an NVIDIA driver gets the
 # default CUDA build. Override with TORCH_SPEC=... (and TORCH_INDEX=<url> for another wheel index).
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6,torch==2.13.0)
+COMMA := ,
+TORCH_SPEC ?= $(if $(HAS_GPU),torch>=2.6$(COMMA)<2.14,torch==2.13.0)
 TORCH_INDEX ?=
 
 # accelerate launch gives a CPU process one thread unless told otherwise; on a CPU-only machine every core

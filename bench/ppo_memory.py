@@ -34,7 +34,7 @@ def build_folders(work: Path, n_embd: int, n_layer: int) -> tuple[Path, Path, Pa
 
     from instruct_tune.config import ModelArguments
     from instruct_tune.models import load_model, load_tokenizer
-    from instruct_tune.models.reward import write_normalization
+    from instruct_tune.models.reward_normalization import RewardNormalization
     from instruct_tune.tiny.build_model import train_tokenizer
 
     texts = (json.loads(line)["text"] for line in (REPO / "data/tiny/pretrain.jsonl").open())
@@ -72,7 +72,8 @@ def build_folders(work: Path, n_embd: int, n_layer: int) -> tuple[Path, Path, Pa
     rm.peft_config["default"].base_model_name_or_path = str(sft)
     rm.save_pretrained(reward)
     sft_tokenizer.save_pretrained(reward)
-    write_normalization(reward, {"bias": 0.0, "mean": 0.0, "std": 1.0, "n": 0, "source": "benchmark"})
+    # An untrained head: raw scores are the rewards (the file also marks the reward folder finished).
+    RewardNormalization.identity("benchmark").write(reward)
     return base, sft, reward, n_params
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -11,12 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers import TrainingArguments
 
 from instruct_tune.config import (
     ConfigError,
     DataArguments,
     ModelArguments,
+    PPOStageConfig,
+    PPOTrainingOptions,
+    RewardStageConfig,
     SFTStageConfig,
+    follow_model_dropout,
     parse_args,
     resolved_config,
     save_config,
@@ -287,18 +293,93 @@ def test_every_recipe_config_parses_with_its_stage_dataclasses(path: Path, tmp_p
             assert got == value, key
 
 
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--optim", "adafactor"], "`optim` ('adafactor'; PPO always trains with AdamW"),
-        (["--gradient_checkpointing", "true"], "`gradient_checkpointing` (True; not supported by the PPO stage)"),
-        (["--per_device_train_batch_size", "3"], "`per_device_train_batch_size` (3; PPO's batch is rollout_batch_size"),
-    ],
-)
-def test_ppo_refuses_trainer_options_it_does_not_read(flags: list[str], named: str) -> None:
-    from instruct_tune.config import PPOStageConfig
+PPO_REFUSED = [
+    ("optim", "adafactor", "`optim` (PPO always trains with AdamW"),
+    ("gradient_checkpointing", "true", "`gradient_checkpointing` (not supported by the PPO stage)"),
+    ("per_device_train_batch_size", "3", "`per_device_train_batch_size` (PPO's batch is rollout_batch_size"),
+    ("lr_scheduler_kwargs", '{"min_lr": 0.1}', "`lr_scheduler_kwargs` (PPO builds its scheduler from"),
+    ("hub_token", "hf_x", "`hub_token` (the push authenticates with HF_TOKEN"),
+]
+PPO_TYPES = (PPOStageConfig, DataArguments, ModelArguments)
+TINY_PPO = str(REPO / "recipes/configs/tiny/ppo.yaml")
 
-    args = ["--config", str(REPO / "recipes/configs/tiny/ppo.yaml"), *flags]
-    with pytest.raises(ConfigError, match=re.escape(named)):
-        parse_args(PPOStageConfig, DataArguments, ModelArguments, args=args)
-    assert parse_args(PPOStageConfig, DataArguments, ModelArguments, args=args[:2])[0].learning_rate > 0
+
+@pytest.mark.parametrize(("option", "value", "named"), PPO_REFUSED, ids=[r[0] for r in PPO_REFUSED])
+def test_ppo_refuses_trainer_options_it_does_not_read(option: str, value: str, named: str, tmp_path: Path) -> None:
+    """A Trainer option our PPO loop ignores is an unknown option, wherever it is set, with what PPO reads."""
+    with pytest.raises(ConfigError, match=re.escape(f"command line: unknown option(s) {named}")):
+        parse_args(*PPO_TYPES, args=["--config", TINY_PPO, f"--{option}", value])
+    config = write_yaml(tmp_path / "ppo.yaml", {**yaml.safe_load(Path(TINY_PPO).read_text()), option: value})
+    with pytest.raises(ConfigError, match=re.escape(f"{config}: unknown option(s) {named}")):
+        parse_args(*PPO_TYPES, args=["--config", config])
+    with pytest.raises(ConfigError, match=re.escape(f"PPOStageConfig: unknown option(s) {named}")):
+        PPOStageConfig(output_dir=str(tmp_path), **{option: value})
+    assert parse_args(*PPO_TYPES, args=["--config", TINY_PPO])[0].learning_rate > 0
+
+
+def test_ppo_config_is_not_trainer_arguments_and_declares_only_what_ppo_reads() -> None:
+    assert not issubclass(PPOStageConfig, TrainingArguments)
+    own = {f.name for f in dataclasses.fields(PPOStageConfig)} - {f.name for f in dataclasses.fields(PPOTrainingOptions)}
+    trainer_names = {f.name for f in dataclasses.fields(PPOTrainingOptions)} & {
+        f.name for f in dataclasses.fields(TrainingArguments)
+    }
+    assert trainer_names == {f.name for f in dataclasses.fields(PPOTrainingOptions)}  # same names as Trainer's
+    assert {"optim", "per_device_train_batch_size", "gradient_checkpointing", "hub_token"}.isdisjoint(trainer_names)
+    assert {"rollout_batch_size", "kl_coef", "reward_model_path"} <= own
+
+
+def test_ppo_training_options_read_as_trainer_arguments_do(tmp_path: Path) -> None:
+    """The helpers and defaults the PPO stage reads give what `TrainingArguments` gives for the same values."""
+    for warmup in (0, 0.1, 0.5, 3):
+        ours = PPOStageConfig(output_dir=str(tmp_path), warmup_steps=warmup, report_to="tensorboard")
+        theirs = TrainingArguments(output_dir=str(tmp_path), warmup_steps=warmup, report_to="tensorboard")
+        assert ours.get_warmup_steps(37) == theirs.get_warmup_steps(37), warmup
+        assert ours.report_to == theirs.report_to == ["tensorboard"]
+        assert ours.get_process_log_level() == theirs.get_process_log_level()
+        assert ours.should_log == theirs.should_log
+        assert ours.lr_scheduler_type == theirs.lr_scheduler_type
+    defaults = PPOStageConfig()
+    for f in dataclasses.fields(PPOTrainingOptions):
+        if f.name not in ("output_dir", "report_to", "lr_scheduler_type", "disable_tqdm"):  # normalised when built
+            assert getattr(defaults, f.name) == getattr(TrainingArguments(), f.name), f.name
+    assert PPOStageConfig(report_to="none").report_to == []
+    with pytest.raises(ConfigError, match="lr_scheduler_type: reduce_lr_on_plateau steps on an eval metric"):
+        PPOStageConfig(output_dir=str(tmp_path), lr_scheduler_type="reduce_lr_on_plateau")
+    with pytest.raises(ConfigError, match="lr_scheduler_type: .*cosinus"):
+        PPOStageConfig(output_dir=str(tmp_path), lr_scheduler_type="cosinus")
+    with pytest.raises(ConfigError, match="save_steps: 0.5 is not a whole number >= 0"):
+        PPOStageConfig(output_dir=str(tmp_path), save_steps=0.5)
+
+
+def test_saved_ppo_config_parses_back_to_the_same_values(tmp_path: Path) -> None:
+    first = parse_args(*PPO_TYPES, args=["--config", TINY_PPO, "--output_dir", str(tmp_path), "--warmup_steps", "0.1"])
+    saved = save_config(tmp_path / "run", *first)
+    second = parse_args(*PPO_TYPES, args=["--config", str(saved)])
+    assert resolved_config(*second) == resolved_config(*first)
+    assert second[0].report_to == ["tensorboard"] and second[0].lr_scheduler_type.value == "linear"
+
+
+def test_unknown_flag_is_named_with_the_closest_option(tmp_path: Path) -> None:
+    # (a unique prefix such as `--learning_rat` is argparse's abbreviation of `--learning_rate`, accepted)
+    with pytest.raises(ConfigError, match=r"command line: unknown option\(s\) `learnig_rate` \(did you mean `learning_rate`"):
+        parse_args(*SFT_TYPES, args=["--output_dir", str(tmp_path), "--learnig_rate=1e-3"])
+    with pytest.raises(ConfigError, match="command line: arguments no stage dataclass reads: \\['stray'\\]"):
+        parse_args(*SFT_TYPES, args=["--output_dir", str(tmp_path), "stray"])
+
+
+# --- dropout: one option, ModelArguments.disable_dropout -------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [SFTStageConfig, RewardStageConfig])
+def test_disable_dropout_is_one_option_that_trl_configs_follow(stage: type, tmp_path: Path) -> None:
+    """TRL's RewardConfig declares its own `disable_dropout`: the stage configs leave the option to
+    `ModelArguments`, and `follow_model_dropout` gives its value to the TRL trainer."""
+    training, _, model = parse_args(
+        stage, DataArguments, ModelArguments, args=["--output_dir", str(tmp_path), "--disable_dropout", "false"]
+    )
+    assert model.disable_dropout is False
+    assert "disable_dropout" not in {f.name for f in dataclasses.fields(stage) if f.init}
+    assert training.disable_dropout is True  # TRL's default, until the stage follows the model arguments
+    follow_model_dropout(training, model)
+    assert training.disable_dropout is False
+    assert "disable_dropout" not in resolved_config(training) and resolved_config(model)["disable_dropout"] is False

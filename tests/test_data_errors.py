@@ -97,6 +97,11 @@ def test_alpaca_errors(tmp_path: Path) -> None:
         == "output is not a string (got int)"
     )
     assert load_error(tmp_path, {"instruction": "i"}, "sft", good) == "missing column 'output'"
+    # a history that is no list was a raw TypeError from inside the parser
+    assert (
+        load_error(tmp_path, {"instruction": "i", "output": "o", "history": 5}, "sft", good)
+        == "history is int, expected a list of [instruction, response] pairs"
+    )
 
 
 def test_sharegpt_unknown_role(tmp_path: Path) -> None:

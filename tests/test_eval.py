@@ -23,7 +23,7 @@ from instruct_tune.config import (
     parse_args,
 )
 from instruct_tune.metrics import METRIC_NAMES, load_metric, metric_path
-from instruct_tune.stages.eval import has_gold_judge, run_eval
+from instruct_tune.stages.eval import run_eval
 from instruct_tune.stages.reward import run_reward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +143,21 @@ def test_metrics_keys_and_ranges(eval_run: Path) -> None:
     assert m["headline_policy"] == "ppo" and m["eval_prompts"] == N_PROMPTS and m["gold_judge"] is True
     assert m["win_rate_vs_sft_gold"] == m["ppo/win_rate_vs_sft_gold"]
     assert m["mean_reward_sft"] == m["sft/mean_reward"] and m["kl_ppo_vs_sft"] == m["ppo/kl_vs_sft"]
+    assert (m["judge/rm"], m["judge/gold"]) == ("reward_model", "tiny_gold")
+
+    # headline keys named by policy, for every policy (the deprecated `*_ppo` keys name the first one only)
+    for policy in ("ppo", "sft_copy"):
+        for key in ("win_rate_vs_sft_gold", "win_rate_vs_sft_rm", "greedy/win_rate_vs_sft_gold", "kl_vs_sft"):
+            assert m[f"{key}/{policy}"] == m[f"{policy}/{key}"], (key, policy)
+    for policy in ("sft", "ppo", "sft_copy"):
+        for key in ("mean_reward", "gold_mean", "perplexity", "greedy/mean_reward", "greedy/gold_mean"):
+            assert m[f"{key}/{policy}"] == m[f"{policy}/{key}"], (key, policy)
+    assert m["win_rate_vs_sft_gold/sft_copy"] == 0.5 and m["win_rate_vs_sft_rm/ppo"] == m["win_rate_vs_sft_rm"]
+    assert m["mean_reward/ppo"] == m["mean_reward_ppo"] and m["gold_mean/sft"] == m["gold_mean_sft"]
+    assert m["perplexity/ppo"] == m["perplexity_ppo"] and m["kl_vs_sft/ppo"] == m["kl_ppo_vs_sft"]
+    # SFT is not compared with itself; greedy answers have no KL; perplexity does not depend on decoding
+    for key in ("win_rate_vs_sft_rm/sft", "kl_vs_sft/sft", "greedy/kl_vs_sft/ppo", "greedy/perplexity/ppo"):
+        assert key not in m, key
 
     for policy in ("sft", "ppo", "sft_copy"):
         for prefix in (f"{policy}/", f"{policy}/greedy/"):
@@ -289,10 +304,14 @@ def test_prompts_without_a_gold_judge(
             ptx_eval_dataset=None,
             greedy=False,
             max_new_tokens=8,
+            gold_judge=None,
         )
     )
     m = read_metrics(out)
     assert m["gold_judge"] is False and "win_rate_vs_sft_gold" not in m and "ppo/gold_mean" not in m
+    assert "judge/gold" not in m and "gold_mean/ppo" not in m and "win_rate_vs_sft_gold/ppo" not in m
+    assert m["win_rate_vs_sft_rm/ppo"] == m["win_rate_vs_sft_rm"] and "mean_reward/sft" in m
+    assert all("gold" not in row for row in map(json.loads, (out / "samples.jsonl").read_text().splitlines()))
     assert 0.0 <= m["win_rate_vs_sft_rm"] <= 1.0 and "greedy/win_rate_vs_sft_rm" not in m
     assert "perplexity_ppo" not in m
     report = (out / "results.md").read_text()
@@ -325,12 +344,6 @@ def test_missing_folders_and_options_are_named(
     with pytest.raises(ConfigError, match="temperature"):
         run(temperature=0.0)
     assert not (tmp_path / "x").exists()
-
-
-def test_gold_judge_detection() -> None:
-    assert has_gold_judge(["Add 2 and 3.", "Reverse this list: cat, dog, owl"])
-    assert not has_gold_judge(["Add 2 and 3.", "Tell me a story."])
-    assert not has_gold_judge([])
 
 
 # --- metric modules, loaded by path ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, 
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
 from instruct_tune.models.reward import NORMALIZATION_FILE, load_reward_model
 from instruct_tune.models.sampling import encode_prompts, left_pad
-from instruct_tune.ppo.models import POLICY, active_adapter, build_ppo_models
+from instruct_tune.ppo.adapters import POLICY, active_adapter
+from instruct_tune.ppo.models import build_ppo_models
 from instruct_tune.ppo.rollout import sample_rollout, sampling_policy
 from instruct_tune.ppo.trainer import NonFiniteError
 from instruct_tune.stages.ppo import ptx_ids, run_ppo
@@ -165,11 +166,13 @@ def test_one_shared_base_serves_all_four_models(sft_folder: Path, lora_reward: P
     assert torch.allclose(shared.ref_logits(ids, mask), separate.ref_logits(ids, mask), atol=1e-4)
     assert torch.allclose(shared.scores(ids, mask, last), separate.scores(ids, mask, last), atol=1e-4)
     assert torch.allclose(shared.trainable.values(ids, mask), separate.trainable.values(ids, mask), atol=1e-4)
-    # The reference responses' std of the reward normalisation is kept for `scale_scores`.
+    # The reward normalisation travels with the models: its bias, and its std (the scale) for `scale_scores`.
     record = json.loads((lora_reward / NORMALIZATION_FILE).read_text())
-    assert shared.reward_std == pytest.approx(record["std"]) and shared.reward_bias == pytest.approx(
-        record["bias"]
-    )
+    norm = shared.normalization
+    assert norm.std == pytest.approx(record["std"]) and norm.bias == pytest.approx(record["bias"])
+    assert norm.scale == pytest.approx(record.get("scale", record["std"]))
+    raw = shared.raw_scores(ids, mask, last)
+    assert torch.allclose(shared.scores(ids, mask, last), (raw + norm.bias) / norm.scale)
     # The LoRA policy starts equal to the reference (B = 0).
     assert torch.allclose(shared.trainable.logits(ids, mask), shared.ref_logits(ids, mask), atol=1e-5)
 
@@ -193,13 +196,18 @@ def test_full_reward_model_gives_two_bases(sft_folder: Path, full_reward: Path) 
     # The value adapter is off while the reward is read: training it cannot move the reward.
     before = models.scores(ids, mask, last)
     with torch.no_grad():
+        start_values = models.trainable.values(ids, mask)[:, -1]
         for name, p in models.trainable.named_parameters():
             if ".value." in name and "lora_B" in name:
                 p.add_(0.5)
     assert torch.allclose(models.scores(ids, mask, last), before)
     assert not torch.allclose(
-        models.trainable.values(ids, mask)[:, -1] - models.reward_bias, before, atol=1e-3
+        models.trainable.values(ids, mask)[:, -1] - models.normalization.bias, before, atol=1e-3
     )
+    # The value model started as the reward shifted by the bias only (not scaled); training moved it.
+    shifted = models.normalization.shift_only().apply(models.raw_scores(ids, mask, last))
+    assert torch.allclose(start_values, shifted, atol=1e-5)
+    assert not torch.allclose(models.trainable.values(ids, mask)[:, -1], shifted, atol=1e-3)
 
 
 def test_sampling_merges_the_adapter_and_restores_the_base(sft_folder: Path, lora_reward: Path, data) -> None:

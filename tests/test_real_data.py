@@ -207,6 +207,7 @@ def evaluated(walk: dict) -> Path:
                     "--policy_paths", "outputs/lora/ppo",
                     "--reward_model_path", "outputs/lora/reward",
                     "--dataset_name", "prompts.jsonl",
+                    "--gold_judge", "none",  # real prompts: the tiny task's gold judge cannot read them
                     "--output_dir", "outputs/lora/eval",
                     "--ptx_eval_dataset", str(pretrain),
                     "--ptx_eval_rows", "8",
@@ -451,8 +452,8 @@ def test_hh_error_names_the_row_its_numbering_and_the_way_out(tmp_path: Path) ->
 def test_no_comparison_fits_names_the_eval_set(tiny_model_dir: Path) -> None:
     from datasets import Dataset
 
+    from instruct_tune.data.preference_groups import group_comparisons, tokenize_groups
     from instruct_tune.models import load_tokenizer
-    from instruct_tune.stages.reward import group_comparisons, tokenize_groups
 
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir)))
     pairs, _ = load_source(str(TINY_DATA / "comparisons_eval.jsonl"), "preference")

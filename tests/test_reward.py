@@ -1,4 +1,7 @@
-"""The reward-model stage on the tiny model: grouped K-way data, loss, packing, normalisation, run folder."""
+"""The reward-model stage on the tiny model: whole-prompt batches, normalisation, run folder, recipes.
+
+Its parts without a training run (grouping, formats, packing, loss, calibration): `test_reward_units.py`.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
@@ -26,38 +28,19 @@ from instruct_tune.config import (
     parse_args,
     resolved_config,
 )
-from instruct_tune.data import DataError
+from instruct_tune.data.preference_groups import group_comparisons, tokenize_groups
+from instruct_tune.data.reward_collator import GroupedPreferenceCollator
+from instruct_tune.evaluation.comparisons import pair_differences
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
-from instruct_tune.models.reward import (
-    NORMALIZATION_FILE,
-    RewardModel,
-    load_reward_model,
-    reward_input_ids,
-)
+from instruct_tune.models.reward import NORMALIZATION_FILE, load_reward_model
 from instruct_tune.stages.data_sources import train_eval_sets
-from instruct_tune.stages.reward import (
-    GroupedPreferenceCollator,
-    GroupedRewardTrainer,
-    calibration_table,
-    group_comparisons,
-    group_ranking_loss,
-    normalize,
-    packed_rewards,
-    pair_differences,
-    reference_responses,
-    run_reward,
-    tokenize_groups,
-)
+from instruct_tune.stages.reward import normalize, reference_responses, run_reward
+from instruct_tune.stages.reward_trainer import GroupedRewardTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = REPO / "data" / "tiny"
 REWARD_TYPES = (RewardStageConfig, DataArguments, ModelArguments)
 TASKS = ("add", "repeat", "reverse", "sort")
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def head_of(src: Path, dst: Path, n: int) -> Path:
@@ -102,45 +85,7 @@ def comparisons(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):
-    return load_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir)))
-
-
-# --- data: grouping K-way rankings ----------------------------------------------------------------------
-
-
-def test_k4_ranking_is_one_group_of_six_pairs(tmp_path: Path, tokenizer) -> None:
-    rows = [
-        {"prompt": "q", "responses": ["r0", "r1", "r2", "r3"], "ranking": [2, 0, 3, 1], "task": "sort"},
-        {"prompt": "p", "chosen": "good", "rejected": "bad", "task": "pair"},
-    ]
-    path = write_jsonl(tmp_path / "rank.jsonl", rows[:1])
-    pairs_path = write_jsonl(tmp_path / "pairs.jsonl", rows[1:])
-    data_args = DataArguments(
-        dataset_mixture=[{"path": str(path)}, {"path": str(pairs_path)}], eval_fraction=0
-    )
-    pairs, _ = train_eval_sets(data_args, "preference", seed=0)
-    assert len(pairs) == 7  # K(K-1)/2 = 6 pairs of the ranking + 1 plain pair
-    groups = group_comparisons(pairs)
-    assert len(groups) == 2
-    ranking = next(g for g in groups if g["task"] == "sort")
-    assert sorted(ranking["responses"]) == ["r0", "r1", "r2", "r3"]
-    order = ["r2", "r0", "r3", "r1"]  # best first
-    got = {
-        (ranking["responses"][w], ranking["responses"][v])
-        for w, v in zip(ranking["better"], ranking["worse"], strict=True)
-    }
-    assert got == {(order[i], order[j]) for i in range(4) for j in range(i + 1, 4)}
-
-    batch = GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id)(
-        list(tokenize_groups(groups, tokenizer, max_length=128))
-    )
-    assert len(batch["better"]) == 7 and len(batch["reward_index"]) == 4 + 2
-    # each prompt weighs once: its pairs share 1/P_g
-    weights = sorted(batch["pair_weight"].tolist())
-    assert weights == pytest.approx([1 / 6] * 6 + [1.0])
-    assert batch["pair_weight"].sum().item() == pytest.approx(2.0)
+# --- the trainer batches whole prompts ------------------------------------------------------------------
 
 
 def test_every_batch_of_the_trainer_holds_whole_groups(
@@ -172,159 +117,6 @@ def test_every_batch_of_the_trainer_holds_whole_groups(
         assert torch.equal(rows[batch["better"]], rows[batch["worse"]])
         seen_pairs += len(batch["better"])
     assert seen_pairs == len(train_pairs) == 160 * 6
-
-
-def test_group_loss_weights_each_prompt_once() -> None:
-    rewards = torch.tensor([0.3, -0.2, 1.0, 0.1, 2.0, -1.0])  # prompt A: rows 0-3 (K=4), prompt B: rows 4-5
-    a_pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
-    better = torch.tensor([p[0] for p in a_pairs] + [5])
-    worse = torch.tensor([p[1] for p in a_pairs] + [4])
-    weight = torch.tensor([1 / 6] * 6 + [1.0])
-    loss_a = -sum(F.logsigmoid(rewards[i] - rewards[j]) for i, j in a_pairs) / 6
-    loss_b = -F.logsigmoid(rewards[5] - rewards[4])
-    expected = (loss_a + loss_b) / 2  # InstructGPT: -1/C(K,2) E[log sigmoid(r_w - r_l)], each prompt once
-    assert group_ranking_loss(rewards, better, worse, weight).item() == pytest.approx(
-        expected.item(), abs=1e-6
-    )
-    margin = torch.full((7,), 0.5)
-    shifted = (
-        -sum(F.logsigmoid(rewards[i] - rewards[j] - 0.5) for i, j in a_pairs) / 6
-        - F.logsigmoid(rewards[5] - rewards[4] - 0.5)
-    ) / 2
-    assert group_ranking_loss(rewards, better, worse, weight, margin).item() == pytest.approx(
-        shifted.item(), abs=1e-6
-    )
-
-
-@pytest.mark.parametrize(("attention", "row_length"), [("sdpa", 256), ("eager", 256), ("sdpa", 1)])
-def test_packed_rows_give_the_per_response_rewards(
-    tiny_model_dir: Path, tokenizer, attention: str, row_length: int
-) -> None:
-    model_args = ModelArguments(model_name_or_path=str(tiny_model_dir), attn_implementation=attention)
-    model = load_model(model_args, tokenizer, head="reward").eval()
-    groups = [
-        {"prompt": "Add 2 and 3.", "responses": ["5", "6 Easy!", "55"]},
-        {"prompt": "Reverse this list: ant, bee, cow", "responses": ["cow, bee, ant", "ant", "x y z w"]},
-        {"prompt": "Add 12 and 30.", "responses": ["42", "24"]},
-    ]
-    rows = [
-        {
-            "input_ids": reward_input_ids(tokenizer, [g["prompt"]] * len(g["responses"]), g["responses"]),
-            "better": [0],
-            "worse": [1],
-            "margin": [0.0],
-        }
-        for g in groups
-    ]
-    packed = GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id, row_length=row_length)(rows)
-    assert packed["input_ids"].shape[0] == (1 if row_length == 256 else 3)  # prompts share rows up to 256
-    plain = GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id, share_prompt=False)(rows)
-    assert packed["input_ids"].numel() < plain["input_ids"].numel()  # the prompt is computed once
-    with torch.no_grad():
-        got = packed_rewards(model, packed)
-        want = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits[:, 0]
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    # and equal to what the reward model's scoring function reads at the EOS token
-    scored = RewardModel(model, tokenizer).raw_score(
-        [g["prompt"] for g in groups for _ in g["responses"]], [r for g in groups for r in g["responses"]]
-    )
-    torch.testing.assert_close(got, scored, atol=1e-5, rtol=0)
-
-
-# --- data: every preference format, and the errors ------------------------------------------------------
-
-
-def _formats(tmp_path: Path) -> dict[str, Path]:
-    user = {"role": "user", "content": "Add 1 and 2."}
-    return {
-        "preference": write_jsonl(
-            tmp_path / "pref.jsonl", [{"prompt": "Add 1 and 2.", "chosen": "3", "rejected": "4"}]
-        ),
-        "preference_implicit": write_jsonl(
-            tmp_path / "implicit.jsonl",
-            [
-                {
-                    "chosen": [user, {"role": "assistant", "content": "3"}],
-                    "rejected": [user, {"role": "assistant", "content": "4"}],
-                }
-            ],
-        ),
-        "hh_rlhf": write_jsonl(
-            tmp_path / "hh.jsonl",
-            [
-                {
-                    "chosen": "\n\nHuman: Add 1 and 2.\n\nAssistant: 3",
-                    "rejected": "\n\nHuman: Add 1 and 2.\n\nAssistant: 4",
-                }
-            ],
-        ),
-        "sharegpt_preference": write_jsonl(
-            tmp_path / "sgp.jsonl",
-            [
-                {
-                    "conversations": [{"from": "human", "value": "Add 1 and 2."}],
-                    "chosen": {"from": "gpt", "value": "3"},
-                    "rejected": {"from": "gpt", "value": "4"},
-                }
-            ],
-        ),
-        "ranking": write_jsonl(
-            tmp_path / "rank.jsonl",
-            [{"prompt": "Add 1 and 2.", "responses": ["4", "3", "5"], "ranking": [1, 0, 2]}],
-        ),
-        "ranking_scores": write_jsonl(
-            tmp_path / "scores.jsonl",
-            [{"prompt": "Add 1 and 2.", "responses": ["4", "3", "5"], "scores": [0.5, 1, 0]}],
-        ),
-    }
-
-
-def test_every_preference_format_goes_through_the_stage_data_prep(tmp_path: Path, tokenizer) -> None:
-    for name, path in _formats(tmp_path).items():
-        pairs, _ = train_eval_sets(
-            DataArguments(dataset_name=str(path), eval_fraction=0), "preference", seed=0
-        )
-        groups = tokenize_groups(group_comparisons(pairs), tokenizer, max_length=128)
-        assert len(groups) == 1, name
-        group = groups[0]
-        assert group["prompt"] == [{"role": "user", "content": "Add 1 and 2."}], name
-        never_worse = set(range(len(group["responses"]))) - set(group["worse"])
-        assert [group["responses"][i] for i in never_worse] == ["3"], name
-        k = len(group["responses"])
-        assert len(group["better"]) == k * (k - 1) // 2, name
-        batch = GroupedPreferenceCollator(pad_token_id=tokenizer.pad_token_id, use_margin=True)(list(groups))
-        assert batch["margin"].shape == batch["better"].shape, name
-        if name == "ranking_scores":  # margins from score differences: 3 (1) > 4 (0.5) > 5 (0)
-            assert sorted(batch["margin"].tolist()) == pytest.approx([0.5, 0.5, 1.0])
-        else:
-            assert batch["margin"].abs().sum().item() == 0.0, name
-
-
-@pytest.mark.parametrize(
-    ("row", "match"),
-    [
-        ({"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 0.5, 1]}, r"row 2: tied scores"),
-        (
-            {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 1, 1]},
-            r"row 2: ranking \[0, 1, 1\] is not a permutation",
-        ),
-        (
-            {"prompt": "q", "responses": ["a", "b", "c"], "ranking": [0, 1, 3]},
-            r"row 2: ranking .* not a permutation",
-        ),
-    ],
-)
-def test_bad_rankings_stop_the_stage_naming_the_row(tmp_path: Path, row: dict, match: str) -> None:
-    good = {"prompt": "p", "responses": ["x", "y"], "ranking": [1, 0]}
-    path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
-    with pytest.raises(DataError, match=match) as err:
-        train_eval_sets(DataArguments(dataset_name=str(path), eval_fraction=0), "preference", seed=0)
-    assert "bad.jsonl" in str(err.value)
-    # with skip_invalid the bad row is dropped and counted, the good one trains
-    pairs, _ = train_eval_sets(
-        DataArguments(dataset_name=str(path), eval_fraction=0, skip_invalid=True), "preference", seed=0
-    )
-    assert len(group_comparisons(pairs)) == 1
 
 
 # --- the stage end to end --------------------------------------------------------------------------------
@@ -392,7 +184,11 @@ def test_reloaded_model_reproduces_training_time_scores(reward_run: Path, compar
     rm = load_reward_model(reward_run)
     metrics = json.loads((reward_run / "metrics.json").read_text())
     normalization = json.loads((reward_run / NORMALIZATION_FILE).read_text())
-    assert rm.bias == pytest.approx(normalization["bias"]) and normalization["n"] > 0
+    assert rm.normalization.bias == pytest.approx(normalization["bias"]) and normalization["n"] > 0
+    # the keys older run folders have, and the scale the scores are divided by: the reference std
+    assert set(normalization) == {"bias", "scale", "mean", "std", "n", "source"}
+    assert normalization["scale"] == normalization["std"] > 0
+    assert rm.normalization.scale == pytest.approx(normalization["scale"])
 
     # eval comparisons scored by the reloaded model: same margins as the in-memory model measured
     _, eval_pairs = train_eval_sets(
@@ -410,8 +206,13 @@ def test_reloaded_model_reproduces_training_time_scores(reward_run: Path, compar
     assert source == normalization["source"]
     raw = rm.raw_score(prompts, responses)
     assert raw.mean().item() == pytest.approx(normalization["mean"], abs=1e-5)
-    assert abs(rm.score(prompts, responses).mean().item()) < 0.05
-    assert rm.score(prompts[:3], responses[:3]) == pytest.approx((raw[:3] + rm.bias).tolist(), abs=1e-6)
+    scores = rm.score(prompts, responses)
+    assert abs(scores.mean().item()) < 0.05 and scores.std().item() == pytest.approx(1.0, abs=1e-3)
+    # scored in the same batch as the raw rewards: batches of another size differ by float noise, which the
+    # division by a small std enlarges
+    raw = rm.raw_score(prompts[:3], responses[:3])
+    want = (raw + rm.normalization.bias) / rm.normalization.scale
+    assert rm.score(prompts[:3], responses[:3]) == pytest.approx(want.tolist(), abs=1e-6)
 
 
 def test_score_command_prints_the_normalised_score(reward_run: Path, capsys: pytest.CaptureFixture) -> None:
@@ -438,7 +239,8 @@ def test_normalisation_on_policy_samples(reward_run: Path, sft_folder: Path, com
     prompts, responses, source = reference_responses(args, None, rm.device)
     assert len(prompts) == len(responses) == 24 and str(sft_folder) in source
     record = normalize(rm, prompts, responses, source)
-    assert record["n"] == 24 and record["std"] > 0
+    assert record.n == 24 and record.std > 0 and record.scale == record.std
+    assert rm.normalization is record
     assert abs(rm.score(prompts, responses).mean().item()) < 0.05
     # the same seed samples the same responses
     assert reference_responses(args, None, rm.device)[1] == responses
@@ -457,14 +259,6 @@ def test_chat_template_mismatch_is_refused(sft_folder: Path, comparisons, tmp_pa
         )
     assert str(sft_folder) in str(err.value) and str(other) in str(err.value)
     assert not (tmp_path / "rm").exists()
-
-
-def test_calibration_table_buckets_by_gap() -> None:
-    diffs = torch.tensor([0.1, -0.2, 0.3, 2.0, -3.0, 4.0, 5.0, 6.0])
-    table = calibration_table(diffs, buckets=2)
-    assert [row["n"] for row in table] == [4, 4]
-    assert table[0]["accuracy"] == pytest.approx(0.75) and table[1]["accuracy"] == pytest.approx(0.75)
-    assert table[0]["predicted"] < table[1]["predicted"]
 
 
 # --- recipe configs ----------------------------------------------------------------------------------------

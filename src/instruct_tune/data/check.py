@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import DataError
-from .formats import FORMAT_KIND, KINDS, convert_rows, detect_format
+from .formats import FORMAT_KIND, convert_rows, detect_format
+from .kinds import KINDS, require_kind
 from .readers import read_source
 
 __all__ = ["CheckResult", "build_parser", "check_source", "format_check", "main"]
@@ -43,8 +44,8 @@ def check_source(
     ``kind`` defaults to the natural kind of the detected format. Raises :class:`DataError` only when the
     source cannot be read at all (missing file, unreadable file, Hub load failure).
     """
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    if kind is not None:
+        require_kind(kind)
     raw = read_source(path, split=split, name=name, revision=revision)
     result = CheckResult(source=raw.source, kind=kind, format=None, rows=raw.num_rows)
     try:

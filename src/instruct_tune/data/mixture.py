@@ -12,7 +12,8 @@ from typing import Any
 import datasets
 
 from .errors import DataError, LoadReport
-from .formats import KINDS, Kind, convert_rows
+from .formats import convert_rows
+from .kinds import Kind, require_kind
 from .readers import read_source
 
 __all__ = ["DataSource", "load_mixture", "load_source", "split_train_eval"]
@@ -37,8 +38,7 @@ def load_source(
     The task is ``task`` if given, else the row's own ``task`` value, else the source's file stem (or the
     Hub id's last part). Raises :class:`DataError` on the first bad row unless ``skip_invalid``.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r} (expected one of {', '.join(KINDS)})")
+    require_kind(kind)
     raw = read_source(path, split=split, name=name, revision=revision)
     rows, report = convert_rows(
         raw, kind, source=raw.source, columns=raw.columns, first_row=raw.first_row, skip_invalid=skip_invalid

@@ -3,18 +3,19 @@
     rm = load_reward_model("outputs/tiny/reward")
     rm.score(["Add 2 and 3."], ["5"])          # tensor([1.73]): normalised, SFT responses score 0 on average
 
-A prompt and a response are rendered exactly as the reward stage trained on them (`reward_input_ids`): the
-prompt messages plus one assistant turn through the tokenizer's chat template, which ends the turn with EOS;
-the sequence-classification head reads the reward at that last (EOS) token. The run folder's
-`reward_normalization.json` holds the bias that makes the reference responses (SFT-policy samples, as in
-InstructGPT) score mean 0; `score` adds it, `raw_score` does not.
+A prompt and a response are rendered exactly as the reward stage trained on them (`reward_input_ids`, in
+`instruct_tune.data.preference_groups`): the prompt messages plus one assistant turn through the tokenizer's
+chat template, which ends the turn with EOS; the sequence-classification head reads the reward at that last
+(EOS) token. The run folder's `reward_normalization.json` (`RewardNormalization`) holds the bias and scale
+under which the reference responses (SFT-policy samples, as in InstructGPT) score mean 0 and std 1: the
+units PPO trains on. `score` applies it, `raw_score` does not.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,63 +24,24 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from instruct_tune.data.preference_groups import Prompt, reward_input_ids
+from instruct_tune.data.reward_collator import pad_right
+from instruct_tune.models.reward_normalization import NORMALIZATION_FILE, RewardNormalization
+
+# `reward_input_ids` and `pad_right` live in the data layer (the reward stage tokenises and batches with
+# them); re-exported here, where PPO and the scoring tests have always imported them.
+__all__ = [
+    "NORMALIZATION_FILE",
+    "RewardModel",
+    "RewardNormalization",
+    "init_reward_head",
+    "load_reward_model",
+    "pad_right",
+    "reward_head_modules",
+    "reward_input_ids",
+]
+
 logger = logging.getLogger(__name__)
-
-NORMALIZATION_FILE = "reward_normalization.json"
-
-Message = Mapping[str, str]
-Prompt = str | Sequence[Message]
-
-
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    """A prompt as chat messages: a string is one user turn."""
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(message) for message in prompt]
-
-
-def reward_input_ids(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], responses: Sequence[str]
-) -> list[list[int]]:
-    """Token ids the reward model reads for each (prompt, response): prompt + assistant turn, chat template.
-
-    The one tokenisation of reward-model inputs, used in training, evaluation and scoring alike: what
-    `trl.RewardTrainer` does for conversational data (`apply_chat_template(prompt + completion)`), cut after
-    the turn's EOS. Templates that write text after EOS (ChatML's `<|im_end|>` then a newline) would put the
-    reward on that text, while PPO reads it at the EOS its policy samples end with.
-    """
-    if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    if not prompts:
-        return []
-    conversations = [
-        as_messages(prompt) + [{"role": "assistant", "content": response}]
-        for prompt, response in zip(prompts, responses, strict=True)
-    ]
-    encoded = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True)
-    return [through_last_eos(list(ids), tokenizer.eos_token_id) for ids in encoded["input_ids"]]
-
-
-def through_last_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
-    """`ids` up to and including its last EOS (all of it when it has none)."""
-    if eos_token_id is not None:
-        for end in range(len(ids) - 1, -1, -1):
-            if ids[end] == eos_token_id:
-                return ids[: end + 1]
-    return ids
-
-
-def pad_right(
-    sequences: Sequence[Sequence[int]], pad_token_id: int, multiple_of: int | None = None
-) -> torch.Tensor:
-    """Right-pad token id lists into one tensor (the reward is read at the last non-pad token)."""
-    length = max(len(ids) for ids in sequences)
-    if multiple_of:
-        length = -(-length // multiple_of) * multiple_of
-    batch = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        batch[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-    return batch
 
 
 def reward_head_modules(model: nn.Module) -> list[nn.Linear]:
@@ -107,24 +69,11 @@ def init_reward_head(model: nn.Module, seed: int = 0) -> float:
     return std
 
 
-def read_normalization(path: str | Path) -> dict[str, Any] | None:
-    """The run folder's reward normalisation, or None when it has none."""
-    file = Path(path) / NORMALIZATION_FILE
-    return json.loads(file.read_text()) if file.is_file() else None
-
-
-def write_normalization(path: str | Path, normalization: Mapping[str, Any]) -> Path:
-    """Write `reward_normalization.json` ({"bias", "mean", "std", "n", "source"}) into the run folder,
-    atomically: the reward stage writes it last, and make reads it as the sign of a finished folder."""
-    from instruct_tune.checkpoints import write_atomic
-
-    return write_atomic(Path(path) / NORMALIZATION_FILE, json.dumps(dict(normalization), indent=2) + "\n")
-
-
 class RewardModel:
-    """A sequence-classification reward model with its tokenizer and normalisation bias.
+    """A sequence-classification reward model with its tokenizer and normalisation.
 
-    `score(prompts, responses)` = raw reward + bias, one float per pair, on the CPU.
+    `score(prompts, responses)` = `normalization.apply(raw)` = (raw + bias) / scale, one float per pair, on
+    the CPU: the units PPO trains on. Without a normalisation file it is the identity (raw scores).
     """
 
     def __init__(
@@ -132,15 +81,11 @@ class RewardModel:
         model: PreTrainedModel | nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         *,
-        bias: float = 0.0,
-        std: float | None = None,
-        normalization: Mapping[str, Any] | None = None,
+        normalization: RewardNormalization | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.bias = float(bias)
-        self.std = std
-        self.normalization = dict(normalization) if normalization else None
+        self.normalization = normalization if normalization is not None else RewardNormalization.identity()
         if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
             raise ValueError(
                 "the reward tokenizer needs a pad token distinct from EOS (the reward is read at EOS)"
@@ -177,8 +122,9 @@ class RewardModel:
     def score(
         self, prompts: Sequence[Prompt], responses: Sequence[str], batch_size: int = 64
     ) -> torch.Tensor:
-        """Normalised rewards (raw + bias): the reference responses of the normalisation average 0."""
-        return self.raw_score(prompts, responses, batch_size) + self.bias
+        """Normalised rewards, (raw + bias) / scale: the normalisation's reference responses score mean 0,
+        std 1."""
+        return self.normalization.apply(self.raw_score(prompts, responses, batch_size))
 
 
 def load_reward_model(
@@ -200,14 +146,7 @@ def load_reward_model(
     tokenizer = load_tokenizer(model_args, trust_remote_code=trust_remote_code)
     model = load_model(model_args, tokenizer, head="reward", trust_remote_code=trust_remote_code)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    normalization = read_normalization(path)
+    normalization = RewardNormalization.read(path)
     if normalization is None:
         logger.warning("%s has no %s: scores are not normalised", path, NORMALIZATION_FILE)
-        return RewardModel(model, tokenizer)
-    return RewardModel(
-        model,
-        tokenizer,
-        bias=normalization["bias"],
-        std=normalization.get("std"),
-        normalization=normalization,
-    )
+    return RewardModel(model, tokenizer, normalization=normalization)

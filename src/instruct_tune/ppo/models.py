@@ -2,74 +2,45 @@
 
 - **Policy** (trainable): a LoRA adapter over the SFT model (`use_peft`), or the full SFT model.
 - **Reference**: the same base with its adapters switched off; a frozen copy only when the policy is full.
-- **Reward**: the reward stage's model, frozen, read at the last response token, its normalisation applied.
+- **Reward**: the reward stage's model, frozen, read at the last response token; its normalisation travels
+  with it (`PPOModels.normalization`).
 - **Value** (trainable): initialised from the reward model (InstructGPT): a LoRA adapter over the reward
   model with a copy of its score head, or a full copy when the policy is full.
 
 When the reward model is itself a LoRA adapter over the policy's base (a reward stage trained with
 `use_peft` from the SFT run folder), one frozen base serves all four: adapters `default` (policy),
-`reward` and `value`, and the two heads. `shared_base: false` loads four separate models instead (what
-the peers do; kept for comparison and for bases that cannot be shared).
+`reward` and `value`, and the two heads (`instruct_tune.ppo.adapters`). `shared_base: false` loads four
+separate models instead (what the peers do; kept for comparison and for bases that cannot be shared).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from dataclasses import replace
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors.torch import load_file
+from peft import PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from instruct_tune.config import ModelArguments
-from instruct_tune.models.loading import adapter_base, adapter_chain, load_model, lora_config
-from instruct_tune.models.packed_forward import Packing, has_plain_lm_head
-from instruct_tune.models.reward import read_normalization
+from instruct_tune.models.forward import backbone, last_hidden, lm_logits
+from instruct_tune.models.loading import load_model, lora_config
+from instruct_tune.models.packed_forward import Packing
+from instruct_tune.models.reward_normalization import RewardNormalization
+from instruct_tune.ppo.adapters import (
+    POLICY,
+    REWARD,
+    VALUE,
+    active_adapter,
+    load_reward_adapter,
+    reward_shares_policy_base,
+)
 
 logger = logging.getLogger(__name__)
 
-POLICY, VALUE, REWARD = "default", "value", "reward"
-
-
-# --- adapters -------------------------------------------------------------------------------------------
-
-
-def _tuner_layers(model: nn.Module) -> Iterator[BaseTunerLayer]:
-    return (m for m in model.modules() if isinstance(m, BaseTunerLayer))
-
-
-@contextmanager
-def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
-    """Run with only adapter `name` active (None: every adapter off), leaving `requires_grad` untouched.
-
-    PEFT's `set_adapter` / `disable_adapter` also freeze the adapters they switch off, which would stop the
-    policy and value adapters of one base from training together.
-    """
-    layers = list(_tuner_layers(model))
-    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
-    try:
-        for layer in layers:
-            if name is None:
-                layer._disable_adapters = True
-            else:
-                layer._active_adapter = [name]
-                layer._disable_adapters = False
-        yield
-    finally:
-        for layer, (active, disabled) in zip(layers, saved, strict=True):
-            layer._active_adapter, layer._disable_adapters = active, disabled
-
-
-def backbone(model: nn.Module) -> nn.Module:
-    """The transformer body of a causal-LM or sequence-classification model (PEFT wrapper or not)."""
-    inner = model.get_base_model() if isinstance(model, PeftModel) else model
-    return inner.base_model
+__all__ = ["POLICY", "PPOModels", "PolicyAndValue", "build_ppo_models", "score_head", "value_head_from"]
 
 
 def score_head(model: PreTrainedModel) -> nn.Linear:
@@ -82,62 +53,17 @@ def score_head(model: PreTrainedModel) -> nn.Linear:
 
 def value_head_from(head: nn.Linear, bias: float) -> nn.Linear:
     """A trainable copy of the reward head (float32), shifted by the normalisation bias so that the value
-    model starts out predicting the normalised score."""
+    model starts out predicting the shift-only score, raw + bias.
+
+    The bias only, not the scale: this is the initialisation PPO has always had, also under `scale_scores`
+    (where the value loss then pulls the values to the scaled returns); dividing by the scale here would change
+    every run's numbers.
+    """
     copied = nn.Linear(head.in_features, 1, bias=True)
     with torch.no_grad():
         copied.weight.copy_(head.weight[:1].float())
         copied.bias.fill_(bias + (float(head.bias[0]) if head.bias is not None else 0.0))
     return copied.to(head.weight.device).requires_grad_(True)
-
-
-def _packing(packed: bool | Packing, attention_mask: torch.Tensor) -> Packing | None:
-    if isinstance(packed, Packing):
-        return packed
-    return Packing.of(attention_mask) if packed else None
-
-
-def last_hidden(
-    body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | Packing = False
-) -> torch.Tensor:
-    """Final hidden states of the transformer body; positions count from each row's first real token.
-
-    `packed`: run the body over the real tokens only (`Packing`, or the layout given), zeros at padding.
-    """
-    packing = _packing(packed, attention_mask)
-    if packing is not None:
-        ids, position_ids = packing.pack(input_ids)
-        out = body(input_ids=ids, position_ids=position_ids, use_cache=False)
-        return packing.gather(out.last_hidden_state)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-    return out.last_hidden_state
-
-
-def lm_logits(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    response_length: int | None = None,
-    packed: bool | Packing = False,
-) -> torch.Tensor:
-    """Causal-LM logits with positions counted from each row's first real token (left padding).
-
-    With `response_length` R, only the logits that predict the last R tokens are computed (`[batch, R, vocab]`):
-    the vocabulary projection of the prompt positions is skipped. `packed`: the body runs over the real tokens
-    only (`Packing`, or the layout given; models whose head is a plain projection), logits are zero at padding.
-    """
-    packing = _packing(packed, attention_mask) if has_plain_lm_head(model) else None
-    if packing is not None:
-        ids, position_ids = packing.pack(input_ids)
-        hidden = backbone(model)(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
-        columns = slice(-response_length - 1, -1) if response_length else slice(None)
-        return model.get_output_embeddings()(packing.gather(hidden, columns))
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    keep = {"logits_to_keep": response_length + 1} if response_length else {}
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep
-    ).logits
-    return logits[:, :-1] if response_length else logits
 
 
 # --- the trainable module -------------------------------------------------------------------------------
@@ -215,7 +141,8 @@ class PolicyAndValue(nn.Module):
 
 
 class PPOModels:
-    """Policy and value (`trainable`, the module to optimise), reference and reward (frozen)."""
+    """Policy and value (`trainable`, the module to optimise), reference and reward (frozen), and the reward's
+    normalisation (applied by the trainer: `scale_scores` chooses all of it or its shift only)."""
 
     def __init__(
         self,
@@ -225,8 +152,7 @@ class PPOModels:
         reward_model: nn.Module,
         reward_head: nn.Linear,
         reward_adapter: str | None,
-        reward_bias: float,
-        reward_std: float | None = None,
+        normalization: RewardNormalization,
         layout: str,
     ) -> None:
         self.trainable = trainable
@@ -234,8 +160,7 @@ class PPOModels:
         self.reward_model = reward_model
         self.reward_head = reward_head
         self.reward_adapter = reward_adapter
-        self.reward_bias = reward_bias
-        self.reward_std = reward_std  # the reference responses' std, from the reward normalisation
+        self.normalization = normalization
         self.layout = layout
 
     def frozen_modules(self) -> list[nn.Module]:
@@ -259,10 +184,10 @@ class PPOModels:
             return lm_logits(self.trainable.policy, input_ids, attention_mask, response_length, packed)
 
     @torch.no_grad()
-    def scores(
+    def raw_scores(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
     ) -> torch.Tensor:
-        """Normalised reward of each sequence, read at `last_index` (its last response token)."""
+        """The reward head's output for each sequence, read at `last_index` (its last response token), float32."""
         model = self.reward_model
         if self.reward_adapter is not None:
             with active_adapter(model, None if self.reward_adapter == "off" else self.reward_adapter):
@@ -271,7 +196,13 @@ class PPOModels:
             hidden = last_hidden(backbone(model), input_ids, attention_mask, self.trainable.packed)
         rows = torch.arange(len(input_ids), device=input_ids.device)
         picked = hidden[rows, last_index].to(self.reward_head.weight.dtype)
-        return self.reward_head(picked)[:, 0].float() + self.reward_bias
+        return self.reward_head(picked)[:, 0].float()
+
+    def scores(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor
+    ) -> torch.Tensor:
+        """Normalised rewards, `normalization.apply(raw)`: what `RewardModel.score` gives for the same tokens."""
+        return self.normalization.apply(self.raw_scores(input_ids, attention_mask, last_index))
 
 
 def _is_part_of(module: nn.Module, parent: nn.Module) -> bool:
@@ -281,48 +212,13 @@ def _is_part_of(module: nn.Module, parent: nn.Module) -> bool:
 # --- building -------------------------------------------------------------------------------------------
 
 
-def _same_path(a: str, b: str) -> bool:
-    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
-
-
-def reward_shares_policy_base(policy_path: str, reward_path: str) -> bool:
-    """Whether the reward model is a LoRA adapter trained on exactly the policy's starting model."""
-    _, reward_adapters = adapter_chain(reward_path)
-    if not reward_adapters or not _same_path(reward_adapters[-1], reward_path):
-        return False
-    reward_parent = adapter_base(reward_path)
-    return reward_parent is not None and _same_path(reward_parent, policy_path)
-
-
-def _load_reward_adapter(model: PeftModel, reward_path: str, names: tuple[str, ...]) -> nn.Linear:
-    """Load the reward adapter's LoRA weights under each of `names`; returns its score head."""
-    config = PeftConfig.from_pretrained(reward_path)
-    weights = load_file(str(Path(reward_path) / "adapter_model.safetensors"))
-    head_weights = {k.rsplit(".", 1)[-1]: v for k, v in weights.items() if ".score." in k}
-    lora_weights = {k: v for k, v in weights.items() if ".score." not in k}
-    if "weight" not in head_weights:
-        raise ValueError(f"{reward_path}: the adapter holds no `score` head weights")
-    lora = LoraConfig(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        target_modules=config.target_modules,
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        lora_dropout=0.0,
-        bias="none",
-    )
-    for name in names:
-        model.add_adapter(name, lora)
-        result = set_peft_model_state_dict(model, lora_weights, adapter_name=name)
-        missing = [k for k in result.unexpected_keys if "lora" in k]
-        if missing:
-            raise ValueError(f"{reward_path}: adapter weights {missing[:3]} do not fit the policy's base")
-    head = nn.Linear(head_weights["weight"].shape[1], 1, bias="bias" in head_weights)
-    with torch.no_grad():
-        head.weight.copy_(head_weights["weight"][:1])
-        if "bias" in head_weights:
-            head.bias.copy_(head_weights["bias"][:1])
-    return head
+def reward_normalization(reward_path: str) -> RewardNormalization:
+    """The reward run folder's normalisation; without one, raw scores and no std (`scale_scores` refuses it)."""
+    found = RewardNormalization.read(reward_path)
+    if found is not None:
+        return found
+    logger.warning("%s has no reward normalisation: raw scores are used", reward_path)
+    return replace(RewardNormalization.identity(f"none: {reward_path} has no normalisation"), std=0.0)
 
 
 def build_ppo_models(
@@ -339,11 +235,8 @@ def build_ppo_models(
     `packed`: every forward over a rollout runs padding-free (`instruct_tune.models.packed_forward`).
     """
     policy_path = model_args.model_name_or_path
-    normalization = read_normalization(reward_path)
-    if normalization is None:
-        logger.warning("%s has no reward normalisation: raw scores are used", reward_path)
-    bias = float(normalization["bias"]) if normalization else 0.0
-    std = float(normalization["std"]) if normalization and normalization.get("std") else None
+    normalization = reward_normalization(reward_path)
+    bias = normalization.bias
     reward_args = ModelArguments(
         model_name_or_path=reward_path,
         dtype=model_args.dtype,
@@ -358,7 +251,7 @@ def build_ppo_models(
         model_args.lora_dropout = 0.0  # on the caller's arguments: the run folder's config.yaml says what ran
     policy = load_model(model_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
     if model_args.use_peft and shared_base and reward_shares_policy_base(policy_path, reward_path):
-        head = _load_reward_adapter(policy, reward_path, (REWARD, VALUE))
+        head = load_reward_adapter(policy, reward_path, (REWARD, VALUE))
         for name, param in policy.named_parameters():
             param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
         value_head = value_head_from(head, bias)
@@ -369,8 +262,7 @@ def build_ppo_models(
             reward_model=policy,
             reward_head=head.requires_grad_(False),
             reward_adapter=REWARD,
-            reward_bias=bias,
-            reward_std=std,
+            normalization=normalization,
             layout="one shared base: policy, reference, reward and value adapters",
         )
 
@@ -392,8 +284,7 @@ def build_ppo_models(
             reward_model=reward,
             reward_head=reward_head,
             reward_adapter="off",
-            reward_bias=bias,
-            reward_std=std,
+            normalization=normalization,
             layout="two bases: policy/reference (SFT) and value/reward (reward model)",
         )
 
@@ -412,7 +303,6 @@ def build_ppo_models(
         reward_model=reward,
         reward_head=reward_head,
         reward_adapter=None,
-        reward_bias=bias,
-        reward_std=std,
+        normalization=normalization,
         layout="four models: policy, reference, reward, value",
     )

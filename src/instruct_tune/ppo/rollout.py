@@ -1,21 +1,47 @@
-"""PPO rollouts: the policy adapter merged into its base while it samples (`models.sampling` does the rest).
+"""PPO rollouts: the `RolloutBackend` seam the trainer samples through, and its Hugging Face implementation.
 
-A LoRA policy is merged for the duration of sampling when the base allows it (not 4-bit), so sampling costs
-what the plain model costs, then unmerged so training goes on with the adapter.
+The trainer never samples itself: it asks its backend for a `Rollout` of a prompt batch and calls
+`sync_weights` after every policy update, so an engine holding its own copy of the policy (vLLM, SGLang, a
+remote server) can plug in. The logprobs of PPO's ratio are always recomputed by the training model.
+
+`HFRolloutBackend` samples with `generate` from the training model itself: a LoRA policy is merged for the
+duration of sampling when the base allows it (not 4-bit), so sampling costs what the plain model costs, then
+unmerged so training goes on with the adapter; `sync_weights` has nothing to do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instruct_tune.models.sampling import Rollout, sample_responses
-from instruct_tune.ppo.models import POLICY, active_adapter
+from instruct_tune.models.sampling import Rollout, left_pad, sample_responses
+from instruct_tune.ppo.adapters import POLICY, active_adapter
+
+__all__ = ["HFRolloutBackend", "RolloutBackend", "rollout_on", "sample_rollout", "sampling_policy"]
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """What PPO samples its rollouts with (one instance per process)."""
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> Rollout:
+        """One response per prompt (token id lists): left-padded prompts, responses cut after their first EOS.
+
+        `seed`: reproducible samples that leave the global RNG as it was (evaluation); None: the global RNG.
+        The tensors may be on any device: the trainer moves them to its own.
+        """
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the next `generate` sample from the policy's current weights (called after every update)."""
+        ...
 
 
 def _can_merge(model: nn.Module) -> bool:
@@ -64,3 +90,60 @@ def sample_rollout(
             top_p=top_p,
             generator_seed=generator_seed,
         )
+
+
+class HFRolloutBackend:
+    """Samples with `generate` from the training policy itself (its weights are the current ones: no sync)."""
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.device = device  # None: the policy's
+
+    @classmethod
+    def from_args(
+        cls, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, args: Any, **overrides: Any
+    ) -> HFRolloutBackend:
+        """The backend with the sampling options of a `PPOStageConfig` (`overrides` win)."""
+        options = {
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+        }
+        return cls(policy, tokenizer, **{**options, **overrides})
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, seed: int | None = None) -> Rollout:
+        """Left-pad the prompts and sample one response each (see `RolloutBackend.generate`)."""
+        query, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        device = self.device if self.device is not None else next(self.policy.parameters()).device
+        return sample_rollout(
+            self.policy,
+            self.tokenizer,
+            query.to(device),
+            query_mask.to(device),
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            generator_seed=seed,
+        )
+
+    def sync_weights(self) -> None:
+        """Nothing to do: `generate` reads the training weights."""
+
+
+def rollout_on(rollout: Rollout, device: torch.device | str) -> Rollout:
+    """`rollout` with every tensor on `device` (no copy of those already there)."""
+    moved = {f.name: getattr(rollout, f.name).to(device) for f in dataclasses.fields(rollout)}
+    return Rollout(**moved)

@@ -1,9 +1,10 @@
-"""PPO sanity stops beyond finiteness: a policy far from the SFT policy, or one that no longer ends its answers.
+"""PPO sanity stops: a NaN/inf quantity, a policy far from the SFT policy, or one that no longer ends its answers.
 
-A finite but broken policy (one update at a huge learning rate: KL 206 nats, no response ending in EOS) would
-otherwise be saved and marked finished. `PolicyGuard.check` runs on the start eval, on every rollout's
-statistics and on the end eval (or, without eval prompts, on one more batch of training prompts after the last
-update), with the bounds `max_kl` and `min_eos_share` of `PPOStageConfig` (null turns either off).
+`check_finite` stops a run on the first NaN/inf loss, score or statistic. A finite but broken policy (one
+update at a huge learning rate: KL 206 nats, no response ending in EOS) would otherwise be saved and marked
+finished. `PolicyGuard.check` runs on the start eval, on every rollout's statistics and on the end eval (or,
+without eval prompts, on one more batch of training prompts after the last update), with the bounds `max_kl`
+and `min_eos_share` of `PPOStageConfig` (null turns either off).
 
 `min_eos_share` is enforced once the policy has reached it (start eval or a rollout), on figures of at least
 `EOS_MIN_RESPONSES` responses: a policy that never ended its answers within `max_new_tokens` (an untrained
@@ -16,10 +17,27 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 # The fewest responses whose EOS share `min_eos_share` judges (the tiny default: 256 a rollout, 400 evaluated).
 EOS_MIN_RESPONSES = 64
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, score or statistic became NaN/inf: training stops before anything broken is written."""
+
+
+def check_finite(step: int, **quantities: torch.Tensor | float) -> None:
+    """Raise `NonFiniteError` naming the step and the first quantity that is NaN or infinite."""
+    for name, value in quantities.items():
+        tensor = torch.as_tensor(value)
+        if not torch.isfinite(tensor).all():
+            raise NonFiniteError(
+                f"PPO step {step}: {name} is not finite ({tensor.flatten()[:4].tolist()}...); stopping "
+                "without saving. Lower the learning rate, clip rewards (reward_clip) or check the reward model."
+            )
 
 
 class PolicySanityError(RuntimeError):

@@ -1,109 +1,54 @@
 """Our PPO loop (InstructGPT step 3): rollout, score, per-token KL penalty, GAE, clipped updates, PPO-ptx.
 
-Each step: every process answers `rollout_batch_size` prompts, the frozen reward model scores the answers
-(normalised, minus `missing_eos_penalty` where no EOS was written), the reference logprobs give the
-per-token KL penalty, GAE turns rewards and values into advantages, and `ppo_epochs` passes of clipped
-policy and value losses (plus `ptx_coef` x the LM loss of a pretraining batch) update the policy and value.
+Each step: every process answers `rollout_batch_size` prompts through its `RolloutBackend`, the frozen reward
+model scores the answers (normalised, minus `missing_eos_penalty` where no EOS was written), the reference
+logprobs give the per-token KL penalty, the `AdvantageEstimator` (default: KL in the reward, GAE) turns rewards
+and values into advantages, and `ppo_epochs` passes of clipped policy and value losses (plus `ptx_coef` x the
+LM loss of a pretraining batch) update the policy and value; then the backend syncs its weights.
 Devices, mixed precision and processes come from `accelerate`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
-from instruct_tune.checkpoints import PPO_STATE_FILE, checkpoint_folders, save_state_atomically, trim_jsonl
+from instruct_tune.checkpoints import trim_jsonl
 from instruct_tune.config import PPOStageConfig
-from instruct_tune.models.reward import pad_right
-from instruct_tune.models.sampling import Rollout, decode_responses, left_pad
-from instruct_tune.ppo import core
+from instruct_tune.models.sampling import Rollout
+from instruct_tune.ppo import checkpointing, core, schedule
+from instruct_tune.ppo.advantages import AdvantageEstimator, AdvantageInputs, KLPenalizedGAE
 from instruct_tune.ppo.models import PPOModels
-from instruct_tune.ppo.rollout import sample_rollout
-from instruct_tune.ppo.sanity import PolicyGuard
+from instruct_tune.ppo.reporting import SAMPLES_FILE, fmt, log_samples, step_stats
+from instruct_tune.ppo.rollout import HFRolloutBackend, RolloutBackend, rollout_on
+from instruct_tune.ppo.sanity import NonFiniteError, PolicyGuard, check_finite
+from instruct_tune.ppo.scoring import ScoredBatch, forward_rollout
+from instruct_tune.ppo.update import micro_batch_loss, optimizer_and_scheduler
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = PPO_STATE_FILE
-SAMPLES_FILE = "samples.jsonl"
+STATE_FILE = checkpointing.STATE_FILE
 
-
-class NonFiniteError(RuntimeError):
-    """A loss, score or statistic became NaN/inf: training stops before anything broken is written."""
-
-
-def check_finite(step: int, **quantities: torch.Tensor | float) -> None:
-    """Raise `NonFiniteError` naming the step and the first quantity that is NaN or infinite."""
-    for name, value in quantities.items():
-        tensor = torch.as_tensor(value)
-        if not torch.isfinite(tensor).all():
-            raise NonFiniteError(
-                f"PPO step {step}: {name} is not finite ({tensor.flatten()[:4].tolist()}...); stopping "
-                "without saving. Lower the learning rate, clip rewards (reward_clip) or check the reward model."
-            )
-
-
-@dataclass
-class ScoredBatch:
-    """A rollout with everything the PPO update needs, aligned on response tokens."""
-
-    rollout: Rollout
-    logprobs: torch.Tensor
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    returns: torch.Tensor
-    kl: torch.Tensor
-    non_score_reward: torch.Tensor
-
-
-def response_slice(per_position: torch.Tensor, rollout: Rollout) -> torch.Tensor:
-    """Outputs at the positions that predict the response tokens (column P-1 predicts token P)."""
-    start = rollout.prompt_length - 1
-    return per_position[:, start : start + rollout.response.shape[1]]
-
-
-def ptx_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the real tokens of a right-padded text batch."""
-    targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
-
-
-def right_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists (text batches); returns `(ids, mask)`."""
-    ids = pad_right(sequences, pad_token_id)
-    lengths = torch.as_tensor([len(s) for s in sequences])
-    mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-    return ids, mask
-
-
-def _right_pad(
-    ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    extra = length - ids.shape[1]
-    if extra <= 0:
-        return ids, mask
-    return F.pad(ids, (0, extra), value=pad_id), F.pad(mask, (0, extra), value=0)
+__all__ = ["SAMPLES_FILE", "STATE_FILE", "NonFiniteError", "PPOTrainer", "ScoredBatch", "check_finite"]
 
 
 class PPOTrainer:
-    """Runs PPO on prompt token ids with the models of `build_ppo_models`; see the module docstring."""
+    """Runs PPO on prompt token ids with the models of `build_ppo_models`; see the module docstring.
+
+    `rollout_backend` samples the rollouts (default: `HFRolloutBackend`, `generate` on the training policy);
+    `advantage_estimator` turns scored rollouts into advantages (default: `KLPenalizedGAE` of `args`).
+    """
 
     def __init__(
         self,
@@ -114,9 +59,15 @@ class PPOTrainer:
         *,
         eval_prompts: Sequence[Sequence[int]] = (),
         ptx_rows: Sequence[Sequence[int]] = (),
+        rollout_backend: RolloutBackend | None = None,
+        advantage_estimator: AdvantageEstimator | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        # scale_scores: the full normalisation, (raw + bias) / scale; otherwise its shift only, raw + bias.
+        if args.scale_scores and not models.normalization.std:
+            raise ValueError("scale_scores: the reward model's normalisation records no std")
+        self.normalization = models.normalization if args.scale_scores else models.normalization.shift_only()
         self.args = args
         self.models = models
         self.tokenizer = tokenizer
@@ -149,23 +100,14 @@ class PPOTrainer:
         # Train mode throughout (every dropout is off): bitsandbytes repacks 4-bit weights for CPU inference on
         # the first eval-mode forward, after which they cannot train.
         trainable.train()
-        params = [p for p in trainable.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2),
-            eps=args.adam_epsilon,
-            weight_decay=args.weight_decay,
-        )
-        scheduler = get_scheduler(
-            args.lr_scheduler_type,
-            optimizer,
-            num_warmup_steps=args.get_warmup_steps(updates),
-            num_training_steps=updates,
-        )
+        optimizer, scheduler = optimizer_and_scheduler(trainable, args, updates)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(trainable, optimizer, scheduler)
         for module in models.frozen_modules():
             module.to(self.accelerator.device).eval()
+        self.rollout_backend: RolloutBackend = rollout_backend or HFRolloutBackend.from_args(
+            self.unwrapped.policy, tokenizer, args, device=self.accelerator.device
+        )
+        self.advantage_estimator: AdvantageEstimator = advantage_estimator or KLPenalizedGAE.from_args(args)
         self.kl_controller = (
             core.AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon)
             if args.target_kl
@@ -181,157 +123,69 @@ class PPOTrainer:
     def unwrapped(self):  # noqa: ANN201 - PolicyAndValue
         return self.accelerator.unwrap_model(self.model)
 
-    def _prompt_batch(self, step: int) -> list[list[int]]:
-        """This process's prompts of `step`: a fresh seeded permutation per pass, so a resume sees the same."""
-        batch, world = self.args.rollout_batch_size, self.accelerator.num_processes
-        start = (step * world + self.accelerator.process_index) * batch
-        rows = []
-        for episode in range(start, start + batch):
-            epoch, index = divmod(episode, len(self.prompts))
-            order = torch.randperm(
-                len(self.prompts), generator=torch.Generator().manual_seed(self.args.seed + epoch)
-            )
-            rows.append(self.prompts[order[index]])
-        return rows
+    def _prompt_batch(self, step: int) -> list[Sequence[int]]:
+        """This process's prompts of `step` (`instruct_tune.ppo.schedule`)."""
+        acc = self.accelerator
+        return schedule.prompt_batch(self.prompts, step, self.args, acc.num_processes, acc.process_index)
 
-    def _ptx_batch(self, step: int, epoch: int, minibatch: int) -> list[list[int]]:
-        if not self.ptx_rows:
-            return []
-        n = self.args.ptx_batch_size
-        per_step = self.args.ppo_epochs * self.args.num_mini_batches * n
-        start = (step * self.accelerator.num_processes + self.accelerator.process_index) * per_step
-        start += (epoch * self.args.num_mini_batches + minibatch) * n
-        return [self.ptx_rows[(start + i) % len(self.ptx_rows)] for i in range(n)]
+    def _ptx_batch(self, step: int, epoch: int, minibatch: int) -> list[Sequence[int]]:
+        acc, rows = self.accelerator, self.ptx_rows
+        return schedule.ptx_batch(
+            rows, step, epoch, minibatch, self.args, acc.num_processes, acc.process_index
+        )
 
     # --- rollout and scoring ------------------------------------------------------------------------------
 
     def _sample(self, prompts: Sequence[Sequence[int]], seed: int | None = None) -> Rollout:
-        query, query_mask = left_pad(prompts, self.tokenizer.pad_token_id)
-        device = self.accelerator.device
         with self.accelerator.autocast():
-            return sample_rollout(
-                self.unwrapped.policy,
-                self.tokenizer,
-                query.to(device),
-                query_mask.to(device),
-                max_new_tokens=self.args.max_new_tokens,
-                temperature=self.args.temperature,
-                top_p=self.args.top_p,
-                generator_seed=seed,
-            )
+            rollout = self.rollout_backend.generate(prompts, seed=seed)
+        return rollout_on(rollout, self.accelerator.device)
 
-    @torch.no_grad()
-    def _forward_scores(self, rollout: Rollout) -> dict[str, torch.Tensor]:
-        """Policy and reference logprobs, values and scores of a rollout, in chunks."""
-        chunk = self.args.forward_batch_size or len(rollout.query)
-        parts: dict[str, list[torch.Tensor]] = {
-            k: [] for k in ("logprobs", "ref_logprobs", "values", "scores", "entropy")
-        }
-        temperature = self.args.temperature
-        for start in range(0, len(rollout.query), chunk):
-            part = rollout.select(torch.arange(start, min(start + chunk, len(rollout.query))))
-            ids, mask, length = part.input_ids, part.attention_mask, part.response.shape[1]
-            with self.accelerator.autocast():
-                logits, values = self.unwrapped(ids, mask, length)
-                ref_logits = self.models.ref_logits(ids, mask, length)
-                scores = self.models.scores(ids, mask, part.last_index)
-            parts["logprobs"].append(core.logprobs_from_logits(logits, part.response, temperature))
-            parts["entropy"].append(core.entropy_from_logits(logits, temperature))
-            parts["ref_logprobs"].append(core.logprobs_from_logits(ref_logits, part.response, temperature))
-            parts["values"].append(values.float())
-            parts["scores"].append(scores.float())
-        return {k: torch.cat(v) for k, v in parts.items()}
+    def _forward(self, rollout: Rollout) -> dict[str, torch.Tensor]:
+        """Policy and reference logprobs, entropy, values and raw reward scores of a rollout."""
+        return forward_rollout(
+            self.unwrapped,
+            self.models,
+            rollout,
+            temperature=self.args.temperature,
+            chunk=self.args.forward_batch_size,
+            autocast=self.accelerator.autocast,
+        )
 
-    def _scaled(self, scores: torch.Tensor) -> torch.Tensor:
-        std = self.models.reward_std
-        if not self.args.scale_scores:
-            return scores
-        if not std:
-            raise ValueError("scale_scores: the reward model's normalisation records no std")
-        return scores / std
+    def _scores(self, raw: torch.Tensor, rollout: Rollout) -> torch.Tensor:
+        """Normalised scores (see `normalization`), minus `missing_eos_penalty` where no EOS was written."""
+        scores = self.normalization.apply(raw)
+        return core.penalize_missing_eos(scores, rollout.has_eos, self.args.missing_eos_penalty)
 
     def score_rollout(self, rollout: Rollout) -> tuple[ScoredBatch, torch.Tensor]:
         """Rewards, advantages and returns of a rollout; also returns the per-token entropy."""
         args = self.args
-        out = self._forward_scores(rollout)
+        out = self._forward(rollout)
         mask = rollout.response_mask
-        scores = self._scaled(out["scores"])
-        scores = core.penalize_missing_eos(scores, rollout.has_eos, args.missing_eos_penalty)
+        scores = self._scores(out["scores"], rollout)
         if args.reward_clip:
             scores = scores.clamp(-args.reward_clip, args.reward_clip)
         check_finite(self.step, scores=scores, logprobs=out["logprobs"], values=out["values"])
-        rewards, kl, non_score = core.kl_penalized_rewards(
-            scores, out["logprobs"], out["ref_logprobs"], mask, self.kl_controller.value
-        )
-        if args.whiten_rewards:
-            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
         values = out["values"] * mask
-        advantages, returns = core.gae_advantages(rewards, values, mask, args.gamma, args.lam)
-        if args.whiten_advantages:
-            advantages = core.masked_whiten(advantages, mask)
+        inputs = AdvantageInputs(
+            scores, out["logprobs"], out["ref_logprobs"], values, mask, self.kl_controller.value
+        )
+        estimate = self.advantage_estimator.estimate(inputs)
         batch = ScoredBatch(
             rollout,
             out["logprobs"] * mask,
             out["ref_logprobs"] * mask,
             values,
             scores,
-            rewards,
-            advantages,
-            returns,
-            kl,
-            non_score,
+            estimate.rewards,
+            estimate.advantages,
+            estimate.returns,
+            estimate.kl,
+            estimate.non_score_reward,
         )
         return batch, out["entropy"]
 
     # --- update -------------------------------------------------------------------------------------------
-
-    def _micro_step(
-        self, batch: ScoredBatch, rows: torch.Tensor, ptx: list[list[int]]
-    ) -> dict[str, torch.Tensor]:
-        args = self.args
-        part = batch.rollout.select(rows)
-        ids, mask = part.input_ids, part.attention_mask
-        n_ppo = len(rows)
-        if ptx:
-            ptx_ids, ptx_mask = right_pad(ptx, self.tokenizer.pad_token_id)
-            ptx_ids, ptx_mask = ptx_ids.to(ids.device), ptx_mask.to(ids.device)
-            length = max(ids.shape[1], ptx_ids.shape[1])
-            ids, mask = _right_pad(ids, mask, length, self.tokenizer.pad_token_id)
-            ptx_ids, ptx_mask = _right_pad(ptx_ids, ptx_mask, length, self.tokenizer.pad_token_id)
-            ids, mask = torch.cat([ids, ptx_ids]), torch.cat([mask, ptx_mask])
-        if ptx:  # the LM loss needs every position's logits
-            logits, values = self.model(ids, mask)
-            response_logits, vpred = (
-                response_slice(logits[:n_ppo], part),
-                response_slice(values[:n_ppo], part),
-            )
-        else:
-            response_logits, vpred = self.model(ids, mask, part.response.shape[1])
-        logprobs = core.logprobs_from_logits(response_logits, part.response, args.temperature)
-        vpred = vpred.float()
-        rmask = part.response_mask
-        pg_loss, pg_stats = core.policy_loss(
-            logprobs, batch.logprobs[rows], batch.advantages[rows], rmask, args.cliprange
-        )
-        vf_loss, vf_stats = core.value_loss(
-            vpred, batch.values[rows], batch.returns[rows], rmask, args.cliprange_value
-        )
-        loss = pg_loss + args.vf_coef * vf_loss
-        stats = {
-            "loss/policy": pg_loss.detach(),
-            "loss/value": vf_loss.detach(),
-            "policy/clipfrac": pg_stats["clipfrac"],
-            "policy/approxkl": pg_stats["approxkl"],
-            "policy/ratio": pg_stats["ratio"],
-            "val/clipfrac": vf_stats["clipfrac"],
-        }
-        if ptx:
-            lm = ptx_lm_loss(logits[n_ppo:], ids[n_ppo:], mask[n_ppo:])
-            loss = loss + args.ptx_coef * lm
-            stats["loss/ptx"] = lm.detach()
-        check_finite(self.step, loss=loss.detach())
-        self.accelerator.backward(loss / args.gradient_accumulation_steps)
-        return stats
 
     def update(self, batch: ScoredBatch) -> dict[str, float]:
         """`ppo_epochs` passes over the batch in minibatches; returns the mean of each statistic."""
@@ -353,7 +207,17 @@ class PPOTrainer:
                     last = a == args.gradient_accumulation_steps - 1
                     context = self.accelerator.no_sync(self.model) if not last else nullcontext()
                     with context:
-                        stats = self._micro_step(batch, rows, micro_ptx)
+                        loss, stats = micro_batch_loss(
+                            self.model,
+                            batch,
+                            rows,
+                            micro_ptx,
+                            args,
+                            pad_token_id=self.tokenizer.pad_token_id,
+                            needs_values=self.advantage_estimator.needs_values,
+                        )
+                        check_finite(self.step, loss=loss.detach())
+                        self.accelerator.backward(loss / args.gradient_accumulation_steps)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
@@ -371,7 +235,9 @@ class PPOTrainer:
     # --- evaluation -------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, prefix: str = "eval", prompts: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    def evaluate(
+        self, prefix: str = "eval", prompts: Sequence[Sequence[int]] | None = None
+    ) -> dict[str, float]:
         """Mean score, KL to the reference, length and EOS share of the policy's answers to held-out prompts.
 
         Sampled at the training temperature with a fixed seed, so the start and end figures compare alike.
@@ -386,11 +252,9 @@ class PPOTrainer:
         chunk = self.args.rollout_batch_size
         for start in range(0, len(mine), chunk):
             rollout = self._sample(mine[start : start + chunk], seed=self.args.seed + 7919 * start + rank)
-            out = self._forward_scores(rollout)
+            out = self._forward(rollout)
             kl = ((out["logprobs"] - out["ref_logprobs"]) * rollout.response_mask).sum(1)
-            scores = core.penalize_missing_eos(
-                self._scaled(out["scores"]), rollout.has_eos, self.args.missing_eos_penalty
-            )
+            scores = self._scores(out["scores"], rollout)
             sums += torch.stack(
                 [
                     scores.sum(),
@@ -413,93 +277,29 @@ class PPOTrainer:
     # --- checkpoints ----------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Model, optimizer, scheduler, RNG states (accelerate) plus step, beta and log history, written under
-        a temporary name and renamed when whole (a kill or a full disk leaves no partial `checkpoint-*`)."""
-        folder = self.output_dir / f"checkpoint-{self.step}"
-        state = {"step": self.step, "kl_controller": self.kl_controller.state_dict(), "log_history": self.log_history}
-        save_state_atomically(self.accelerator, folder, {STATE_FILE: json.dumps(state)})
-        if self.accelerator.is_main_process:
-            self._rotate_checkpoints()
-        self.accelerator.wait_for_everyone()
-        return folder
-
-    def _rotate_checkpoints(self) -> None:
-        limit = self.args.save_total_limit
-        if not limit:
-            return
-        for old in checkpoint_folders(self.output_dir)[limit:]:
-            shutil.rmtree(old, ignore_errors=True)
+        """Model, optimizer, scheduler, RNG states (accelerate) plus step, beta and log history, written whole
+        or not at all (`instruct_tune.ppo.checkpointing`)."""
+        state = {
+            "step": self.step,
+            "kl_controller": self.kl_controller.state_dict(),
+            "log_history": self.log_history,
+        }
+        return checkpointing.save_checkpoint(
+            self.accelerator, self.output_dir, self.step, state, self.args.save_total_limit
+        )
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Continue the run saved in `folder`."""
-        folder = Path(folder)
-        state_file = folder / STATE_FILE
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{folder} is not a PPO checkpoint (no {STATE_FILE})")
-        self.accelerator.load_state(str(folder))
-        state = json.loads(state_file.read_text())
+        state = checkpointing.load_checkpoint(self.accelerator, folder)
         self.step = int(state["step"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.log_history = state["log_history"]
+        self.rollout_backend.sync_weights()  # the policy's weights are the checkpoint's now
         if self.accelerator.is_main_process:  # the steps after the checkpoint are sampled again
             trim_jsonl(self.output_dir / SAMPLES_FILE, self.step)
         logger.info("Resumed PPO from %s at step %d of %d", folder, self.step, self.num_steps)
 
     # --- the loop -------------------------------------------------------------------------------------
-
-    def _log_samples(self, rollout: Rollout, scores: torch.Tensor) -> None:
-        n = self.args.num_samples_logged
-        if n <= 0 or not self.accelerator.is_main_process:
-            return
-        prompts = self.tokenizer.batch_decode(rollout.query[:n], skip_special_tokens=True)
-        responses = decode_responses(self.tokenizer, rollout.select(torch.arange(min(n, len(scores)))))
-        rows = [
-            {"step": self.step, "prompt": p.strip(), "response": r, "score": round(float(s), 4)}
-            for p, r, s in zip(prompts, responses, scores[:n].tolist(), strict=False)
-        ]
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with (self.output_dir / SAMPLES_FILE).open("a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        table = ["| prompt | response | score |", "| --- | --- | --- |"]
-        table += [f"| {r['prompt'][-60:]!r} | {r['response'][:60]!r} | {r['score']:.2f} |" for r in rows]
-        logger.info("Samples at step %d:\n%s", self.step, "\n".join(table))
-
-    def _step_stats(
-        self,
-        batch: ScoredBatch,
-        entropy: torch.Tensor,
-        train_stats: dict[str, float],
-        timings: dict[str, float],
-    ) -> dict[str, float]:
-        mask = batch.rollout.response_mask
-        local = {
-            "objective/scores": batch.scores.mean(),
-            "objective/kl": batch.kl.sum(1).mean(),
-            "objective/non_score_reward": batch.non_score_reward.sum(1).mean(),
-            "objective/rlhf_reward": (batch.scores + batch.non_score_reward.sum(1)).mean(),
-            "objective/entropy": core.masked_mean(entropy, mask),
-            "val/mean": core.masked_mean(batch.values, mask),
-            "val/returns": core.masked_mean(batch.returns, mask),
-            "response/length": mask.sum(1).float().mean(),
-            "response/eos_share": batch.rollout.has_eos.float().mean(),
-        }
-        keys = sorted(local)
-        reduced = self.accelerator.reduce(torch.stack([local[k].float() for k in keys]), reduction="mean")
-        stats = {k: float(v) for k, v in zip(keys, reduced.tolist(), strict=True)}
-        stats.update(train_stats)
-        tokens = float(mask.sum() + batch.rollout.query_mask.sum()) * self.accelerator.num_processes
-        stats["speed/generation_tokens_per_s"] = (
-            float(mask.sum()) * self.accelerator.num_processes / timings["generate"]
-        )
-        stats["speed/train_tokens_per_s"] = tokens * self.args.ppo_epochs / timings["train"]
-        stats["time/generate_s"] = timings["generate"]  # sampling the rollout
-        stats["time/train_s"] = timings["train"]  # scoring it (reward, reference, values) and the PPO epochs
-        stats["kl_coef"] = self.kl_controller.value
-        stats["lr"] = self.scheduler.get_last_lr()[0]
-        stats["episodes"] = self.step * self.args.rollout_batch_size * self.accelerator.num_processes
-        stats["step"] = self.step
-        return stats
 
     def train(self, resume_from: str | Path | None = None) -> dict[str, Any]:
         """Run every PPO step (after resuming from `resume_from` when given); returns the final metrics."""
@@ -511,7 +311,7 @@ class PPOTrainer:
         metrics: dict[str, Any] = {}
         if self.step == 0 and self.eval_prompts:
             metrics.update(self.evaluate("eval_start"))
-            logger.info("Before PPO: %s", _fmt(metrics))
+            logger.info("Before PPO: %s", fmt(metrics))
         else:
             start_record = next((r for r in self.log_history if "eval_start_reward" in r), {})
             metrics.update(start_record)
@@ -521,25 +321,30 @@ class PPOTrainer:
         if self.step == 0:
             self.log_history.append(dict(metrics))
         started = time.perf_counter()
-        bar = tqdm(
-            total=self.num_steps, initial=self.step, desc="PPO", disable=not self.accelerator.is_main_process
-        )
+        quiet = bool(self.args.disable_tqdm) or not self.accelerator.is_main_process
+        bar = tqdm(total=self.num_steps, initial=self.step, desc="PPO", disable=quiet)
         while self.step < self.num_steps:
             t0 = time.perf_counter()
             rollout = self._sample(self._prompt_batch(self.step))
             t1 = time.perf_counter()
             batch, entropy = self.score_rollout(rollout)
             train_stats = self.update(batch)
+            self.rollout_backend.sync_weights()
             t2 = time.perf_counter()
             self.step += 1
-            stats = self._step_stats(batch, entropy, train_stats, {"generate": t1 - t0, "train": t2 - t1})
+            timings = {"generate": t1 - t0, "train": t2 - t1}
+            with_values = self.advantage_estimator.needs_values
+            stats = step_stats(
+                self.accelerator, batch, entropy, train_stats, timings, args.ppo_epochs, with_values
+            )
+            world = self.accelerator.num_processes
+            stats.update(kl_coef=self.kl_controller.value, lr=self.scheduler.get_last_lr()[0])
+            stats.update(episodes=self.step * args.rollout_batch_size * world, step=self.step)
             check_finite(self.step, **{k: v for k, v in stats.items() if isinstance(v, float)})
             responses = args.rollout_batch_size * self.accelerator.num_processes
             figures = (stats["objective/kl"], stats["response/eos_share"], responses)
             self.policy_guard.check(self.step, "rollout", *figures)
-            self.kl_controller.update(
-                stats["objective/kl"], args.rollout_batch_size * self.accelerator.num_processes
-            )
+            self.kl_controller.update(stats["objective/kl"], responses)
             self.log_history.append(stats)
             self.accelerator.log(stats, step=self.step)
             bar.update(1)
@@ -550,9 +355,11 @@ class PPOTrainer:
                 beta=f"{stats['kl_coef']:.3g}",
             )
             if args.logging_steps and self.step % int(args.logging_steps) == 0:
-                logger.info("step %d: %s", self.step, _fmt(stats))
+                logger.info("step %d: %s", self.step, fmt(stats))
             if args.sample_steps and (self.step % args.sample_steps == 0 or self.step == 1):
-                self._log_samples(batch.rollout, batch.scores)
+                n = args.num_samples_logged
+                if n > 0 and self.accelerator.is_main_process:
+                    log_samples(self.tokenizer, batch.rollout, batch.scores, self.step, n, self.output_dir)
             # The last step too: a kill before the run folder is written then redoes no step (and logs no
             # sample twice).
             if args.save_steps and (self.step % int(args.save_steps) == 0 or self.step == self.num_steps):
@@ -565,7 +372,7 @@ class PPOTrainer:
         metrics["ppo_steps"] = self.step
         end = self.evaluate("eval_end") if self.eval_prompts else {}
         if end:
-            logger.info("After PPO: %s", _fmt(end))
+            logger.info("After PPO: %s", fmt(end))
             figures = (end["eval_end_kl"], end["eval_end_eos_share"], end["eval_end_prompts"])
             self.policy_guard.check(self.step, "end eval", *figures)
             metrics.update(end)
@@ -574,7 +381,3 @@ class PPOTrainer:
             figures = (probe["probe_kl"], probe["probe_eos_share"], probe["probe_prompts"])
             self.policy_guard.check(self.step, "after-training probe", *figures)
         return metrics
-
-
-def _fmt(stats: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items())

@@ -27,7 +27,8 @@ from instruct_tune.models import adapter_base, load_tokenizer
 from instruct_tune.models.adapter_base import record_adapter_base
 from instruct_tune.models.sampling import encode_prompts
 from instruct_tune.models.template_compare import chat_template_difference
-from instruct_tune.ppo.models import POLICY, build_ppo_models
+from instruct_tune.ppo.adapters import POLICY
+from instruct_tune.ppo.models import build_ppo_models
 from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
 from instruct_tune.stages.lengths import check_fits_context, model_context, prompt_budget

@@ -17,7 +17,7 @@ from instruct_tune.checkpoints import (
     disk_full_named,
     trainer_checkpoint_problem,
 )
-from instruct_tune.config import ConfigError, resolved_config, save_config
+from instruct_tune.config import ConfigError, PPOTrainingOptions, resolved_config, save_config
 from instruct_tune.hub import PushError, check_repo_id, push_folder
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
@@ -27,8 +27,11 @@ from instruct_tune.stages.train_metrics import NothingLeftToTrain, StopAtTheEnd,
 
 logger = logging.getLogger(__name__)
 
+# The training options of a stage: a Trainer's (SFT, reward) or the PPO stage's own, which declare the same names.
+StageArguments = TrainingArguments | PPOTrainingOptions
 
-def configure_logging(args: TrainingArguments) -> None:
+
+def configure_logging(args: StageArguments) -> None:
     """Show instruct_tune's own messages (detected formats, skipped rows, resumes) on the main process."""
     package_logger = logging.getLogger("instruct_tune")
     if not package_logger.handlers:
@@ -149,7 +152,7 @@ def finish_run(
         )
 
 
-def take_push_request(args: TrainingArguments) -> str | None:
+def take_push_request(args: StageArguments) -> str | None:
     """The repo a stage pushes its finished run folder to (`push_to_hub` + `hub_model_id`), checked now.
 
     The Trainer's own push is switched off: it would push checkpoints and its own card on every save. The
@@ -169,7 +172,7 @@ def take_push_request(args: TrainingArguments) -> str | None:
     return args.hub_model_id
 
 
-def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingArguments) -> None:
+def push_run_folder(output_dir: str | Path, repo_id: str | None, args: StageArguments) -> None:
     """Push the finished run folder when the config asked for it (see `take_push_request`)."""
     if repo_id is None:
         return
@@ -186,7 +189,7 @@ def push_run_folder(output_dir: str | Path, repo_id: str | None, args: TrainingA
 
 
 def end_run(
-    accelerator: Accelerator, output_dir: str | Path, push_to: str | None, args: TrainingArguments
+    accelerator: Accelerator, output_dir: str | Path, push_to: str | None, args: StageArguments
 ) -> None:
     """Wait for every process, end the run (trackers closed, the process group of a multi-process run
     destroyed), then push the run folder from the main process: after the last collective, a failed push

@@ -18,7 +18,7 @@ from datasets import Dataset
 from transformers import set_seed
 from trl import SFTTrainer
 
-from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
+from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig, follow_model_dropout
 from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.models.lm_head import select_lm_head
@@ -106,6 +106,7 @@ def run_sft(
     configure_logging(training_args)
     push_to = take_push_request(training_args)
     set_seed(training_args.seed)
+    follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     source = model_args.model_name_or_path
     if training_args.max_length is not None:

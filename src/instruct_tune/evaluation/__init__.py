@@ -1,0 +1,1 @@
+"""Evaluation of trained models: metrics computed from their scores, shared by the stages that report them."""
