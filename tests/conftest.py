@@ -1,15 +1,23 @@
-"""Shared fixtures: a small tiny-task model built once per test session from the shipped data, and SmolLM2."""
+"""Shared fixtures: a small tiny-task model built once per test session from the shipped data, SmolLM2, run
+folders over the tiny model, and a local recording Hub.
+
+Plain helpers (paths, stage configs, the Hub stand-in) live in helpers.py, stage_runs.py and recording_hub.py.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
+pytest.register_assert_rewrite("helpers")  # its asserts report like a test's
+
+from helpers import REPO, TINY_DATA, head_of  # noqa: E402
+from recording_hub import RecordingHub  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -50,10 +58,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The first 600 demonstrations of the tiny task, as a JSONL file."""
-    path = tmp_path_factory.mktemp("tiny-data") / "sft.jsonl"
-    with (TINY_DATA / "sft.jsonl").open() as src:
-        path.write_text("".join(line for _, line in zip(range(600), src, strict=False)))
-    return path
+    return head_of(TINY_DATA / "sft.jsonl", tmp_path_factory.mktemp("tiny-data") / "sft.jsonl", 600)
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +93,22 @@ def make_adapter_folder(
 def sft_folder(make_adapter_folder: Callable[..., Path]) -> Path:
     """An SFT run folder holding a LoRA adapter (non-zero, as if trained) and its tokenizer."""
     return make_adapter_folder("sft", seed=3, std=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir: Path):
+    """The tiny model's tokenizer, loaded once per module."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def hub_server() -> Iterator[str]:
+    """The address of a fresh recording Hub (recording_hub.RecordingHub), its request log emptied."""
+    RecordingHub.requests, RecordingHub.fail = [], None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import REPO, assert_resolved_as_written
+from stage_runs import PPO_TYPES, SFT_TYPES
 from transformers import TrainingArguments
 
 from instruct_tune.config import (
@@ -28,10 +30,6 @@ from instruct_tune.config import (
     save_config,
 )
 from instruct_tune.stages.run_folder import RunFolderArguments
-
-REPO = Path(__file__).resolve().parents[1]
-
-SFT_TYPES = (SFTStageConfig, DataArguments, ModelArguments)
 
 
 def write_yaml(path: Path, data: dict) -> str:
@@ -279,18 +277,7 @@ def test_every_recipe_config_parses_with_its_stage_dataclasses(path: Path, tmp_p
     parsed = parse_args(
         *recipe_dataclasses(path.stem), args=["--config", str(path), "--output_dir", str(tmp_path)]
     )
-    raw = yaml.safe_load(path.read_text())
-    resolved = resolved_config(*parsed)
-    for key, value in raw.items():
-        if key in ("env", "output_dir"):
-            continue
-        got = resolved[key]
-        if isinstance(value, str) and isinstance(got, list):  # report_to: tensorboard -> [tensorboard]
-            assert got == [value], key
-        elif isinstance(value, float) or isinstance(got, float):
-            assert got == pytest.approx(value), key
-        else:
-            assert got == value, key
+    assert_resolved_as_written(yaml.safe_load(path.read_text()), resolved_config(*parsed))
 
 
 PPO_REFUSED = [
@@ -300,7 +287,6 @@ PPO_REFUSED = [
     ("lr_scheduler_kwargs", '{"min_lr": 0.1}', "`lr_scheduler_kwargs` (PPO builds its scheduler from"),
     ("hub_token", "hf_x", "`hub_token` (the push authenticates with HF_TOKEN"),
 ]
-PPO_TYPES = (PPOStageConfig, DataArguments, ModelArguments)
 TINY_PPO = str(REPO / "recipes/configs/tiny/ppo.yaml")
 
 

@@ -10,33 +10,19 @@ from pathlib import Path
 import evaluate
 import pytest
 import yaml
+from helpers import TINY_DATA, head_of
 from PIL import Image
+from stage_runs import lora_args, reward_args, train_reward
 
 from instruct_tune.artifacts import write_model_card
 from instruct_tune.cli import main as cli_main
-from instruct_tune.config import (
-    ConfigError,
-    DataArguments,
-    EvalStageConfig,
-    ModelArguments,
-    RewardStageConfig,
-    parse_args,
-)
+from instruct_tune.config import ConfigError, EvalStageConfig, parse_args
 from instruct_tune.metrics import METRIC_NAMES, load_metric, metric_path
 from instruct_tune.stages.eval import run_eval
-from instruct_tune.stages.reward import run_reward
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
 FAMILIES = ("add", "repeat", "reverse", "sort")
 N_PROMPTS = 24
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def head_of(src: Path, dst: Path, n: int, *, last: bool = False) -> Path:
-    lines = src.read_text().splitlines(keepends=True)
-    dst.write_text("".join(lines[-n:] if last else lines[:n]))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -54,27 +40,8 @@ def data_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reward_folder(tiny_model_dir: Path, data_files: dict[str, Path], tmp_path_factory) -> Path:
     """A LoRA reward model trained on 40 rankings, normalised on the eval rankings' best responses."""
-    args = RewardStageConfig(
-        output_dir=str(tmp_path_factory.mktemp("rm") / "reward"),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
-        use_cpu=True,
-        seed=0,
-    )
-    data_args = DataArguments(
-        dataset_name=str(data_files["train"]), eval_dataset_name=str(data_files["eval"])
-    )
-    model_args = ModelArguments(
-        model_name_or_path=str(tiny_model_dir), use_peft=True, lora_r=8, lora_alpha=16
-    )
-    return run_reward(args, data_args, model_args)
+    args = reward_args(tmp_path_factory.mktemp("rm") / "reward", per_device_eval_batch_size=64)
+    return train_reward(args, lora_args(tiny_model_dir), data_files["train"], data_files["eval"])
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """Using a run folder: push (dry run and a recorded upload), merge, generate and chat.
 
-The Hub itself is unreachable here, so the upload goes to a local HTTP server given as HF_ENDPOINT: it answers
-the few Hub API routes the real `huggingface_hub` client calls for a commit (create repo, validate the card's
-YAML, preupload, commit) and records every request, so the test sees exactly what the client sent.
+The Hub itself is unreachable here, so the upload goes to a local HTTP server given as HF_ENDPOINT
+(recording_hub.RecordingHub, the `hub_server` fixture): it records every request, so the test sees exactly what
+the client sent.
 """
 
 from __future__ import annotations
@@ -14,37 +14,26 @@ import pty
 import select
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import CLI, REPO, TINY_DATA, head_of
 from huggingface_hub import ModelCard
 from peft import PeftModel
+from recording_hub import TOKEN, RecordingHub, hub_env, push
+from stage_runs import lora_args, normalised_by, ppo_args, reward_args, train_reward
 from transformers import AutoModelForCausalLM
 
 from instruct_tune.artifacts import write_model_card
-from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig
+from instruct_tune.config import DataArguments, ModelArguments
 from instruct_tune.export import MergeError, merge_run_folder
 from instruct_tune.generate import read_prompts
 from instruct_tune.hub import PushError, check_repo_id, upload_plan
 from instruct_tune.models import load_tokenizer
 from instruct_tune.stages.ppo import run_ppo
-from instruct_tune.stages.reward import run_reward
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
-TOKEN = "hf_fakeTokenForTheRecordingServer0123456789"
-CLI = [sys.executable, "-m", "instruct_tune.cli"]
-
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
 
 
 @pytest.fixture(scope="module")
@@ -53,49 +42,24 @@ def ppo_folder(sft_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("run")
     data = root / "data"
     data.mkdir()
-    reward = run_reward(
-        RewardStageConfig(
-            output_dir=str(root / "reward"),
-            num_train_epochs=1,
-            per_device_train_batch_size=8,
-            learning_rate=3e-3,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            max_length=128,
-            use_cpu=True,
-            seed=0,
-            policy_path=str(sft_folder),
-            normalization_prompts=str(head_of(TINY_DATA / "prompts.jsonl", data / "prompts.jsonl", 32)),
-            normalization_samples=16,
-            normalization_max_new_tokens=8,
-        ),
-        DataArguments(
-            dataset_name=str(head_of(TINY_DATA / "comparisons.jsonl", data / "cmp.jsonl", 24)), eval_fraction=0.0
-        ),
-        ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=4, lora_alpha=8),
+    prompts = head_of(TINY_DATA / "prompts.jsonl", data / "prompts.jsonl", 32)
+    reward = train_reward(
+        reward_args(root / "reward", **normalised_by(sft_folder, prompts, samples=16, max_new_tokens=8)),
+        lora_args(sft_folder, lora_r=4, lora_alpha=8),
+        head_of(TINY_DATA / "comparisons.jsonl", data / "cmp.jsonl", 24),
     )
-    args = PPOStageConfig(
-        output_dir=str(root / "ppo"),
-        reward_model_path=str(reward),
+    args = ppo_args(
+        root / "ppo",
+        reward,
         total_episodes=16,
-        rollout_batch_size=8,
         num_mini_batches=2,
-        ppo_epochs=1,
         max_new_tokens=8,
-        learning_rate=1e-3,
         eval_samples=0,
-        logging_steps=1,
         save_steps=1,
         save_total_limit=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
     )
-    data_args = DataArguments(dataset_name=str(data / "prompts.jsonl"), eval_fraction=0.0)
-    model_args = ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=4, lora_alpha=8)
-    return run_ppo(args, data_args, model_args)
+    data_args = DataArguments(dataset_name=str(prompts), eval_fraction=0.0)
+    return run_ppo(args, data_args, lora_args(sft_folder, lora_r=4, lora_alpha=8))
 
 
 # --- push -----------------------------------------------------------------------------------------------
@@ -130,84 +94,9 @@ def test_dry_run_lists_adapter_tokenizer_and_card_only(ppo_folder: Path) -> None
     assert not any(Path(p).name.startswith(("optimizer", "scheduler", "rng_state")) for p in extra)
 
 
-class RecordingHub(BaseHTTPRequestHandler):
-    """Answers the Hub routes of a commit; `fail` makes every route answer that HTTP status."""
-
-    requests: list[dict] = []
-    fail: int | None = None
-
-    def log_message(self, *args) -> None:  # keep the test output clean
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else b""
-        type(self).requests.append(
-            {"method": self.command, "path": self.path, "auth": self.headers.get("Authorization"), "body": body}
-        )
-        if type(self).fail:
-            return self._reply(type(self).fail, {"error": "refused by the recording server"})
-        endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        path = self.path.split("?")[0]
-        if path == "/api/repos/create":
-            payload = json.loads(body)
-            return self._reply(200, {"url": f"{endpoint}/{payload['organization']}/{payload['name']}"})
-        if path == "/api/validate-yaml":
-            return self._reply(200, {"errors": [], "warnings": []})
-        if "/preupload/" in path:
-            files = json.loads(body)["files"]
-            return self._reply(
-                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
-            )
-        if "/commit/" in path:
-            repo = path.split("/api/models/")[1].split("/commit/")[0]
-            return self._reply(200, {"commitUrl": f"{endpoint}/{repo}/commit/abc123", "commitOid": "abc123"})
-        return self._reply(404, {"error": f"no route {path}"})
-
-    do_GET = do_POST = do_PUT = _handle
-
-
-@pytest.fixture()
-def hub_server():
-    RecordingHub.requests, RecordingHub.fail = [], None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def hub_env(endpoint: str, tmp_path: Path, token: str | None = TOKEN) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
-    env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home")})
-    if token:
-        env["HF_TOKEN"] = token
-    return env
-
-
 def committed_files(request: dict) -> dict[str, bytes]:
     lines = [json.loads(line) for line in request["body"].splitlines()]
     return {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"}
-
-
-def push(
-    folder: Path, endpoint: str, tmp_path: Path, *extra: str, token: str | None = TOKEN, repo: str = "someone/tiny-ppo"
-):
-    return subprocess.run(
-        [*CLI, "push", str(folder), "--repo-id", repo, *extra],
-        capture_output=True,
-        text=True,
-        env=hub_env(endpoint, tmp_path, token),
-        timeout=120,
-    )
 
 
 def folder_snapshot(folder: Path) -> dict[str, bytes]:

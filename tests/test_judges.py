@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import test_eval
 import yaml
-from test_eval import N_PROMPTS, REPO, eval_args, read_metrics
+from helpers import REPO
+from test_eval import N_PROMPTS, eval_args, read_metrics
 
 from instruct_tune.config import ConfigError, EvalStageConfig, parse_args
 from instruct_tune.evaluation.judges import (
@@ -90,6 +91,12 @@ def plugged() -> Iterator[list[Chars]]:
         unregister_judge(name)
 
 
+@pytest.fixture
+def eval_inputs(tiny_model_dir, ppo_folder, reward_folder, data_files) -> tuple:
+    """What `eval_args` builds an eval config over: the SFT model, the "PPO" policy, the reward model, data."""
+    return tiny_model_dir, ppo_folder, reward_folder, data_files
+
+
 def quick_args(out: Path, tiny_model_dir, ppo_folder, reward_folder, data_files, **overrides):
     values = dict(greedy=False, ptx_eval_dataset=None, policy_paths=[str(ppo_folder)], policy_names=["ppo"])
     values.update(overrides)
@@ -104,11 +111,8 @@ def two_policies(out: Path, tiny_model_dir, ppo_folder, reward_folder, data_file
     )
 
 
-def test_a_registered_judge_chosen_by_name_is_reported(
-    plugged, tiny_model_dir, ppo_folder, reward_folder, data_files, tmp_path
-) -> None:
-    fixtures = (tiny_model_dir, ppo_folder, reward_folder, data_files)
-    with_it = run_eval(two_policies(tmp_path / "with", *fixtures, judges=["chars"]))
+def test_a_registered_judge_chosen_by_name_is_reported(plugged, eval_inputs, tmp_path) -> None:
+    with_it = run_eval(two_policies(tmp_path / "with", *eval_inputs, judges=["chars"]))
     assert (
         len(plugged) == 1 and plugged[0].calls == 1
     )  # built from the config's name; all answers in one call
@@ -149,29 +153,13 @@ def test_a_registered_judge_chosen_by_name_is_reported(
     assert "| " + " | ".join(f"{value:.3f}" for value in figures) + " |" in report
 
     # nothing else moves: the same run without the extra judge gives the same numbers
-    without = run_eval(two_policies(tmp_path / "without", *fixtures))
+    without = run_eval(two_policies(tmp_path / "without", *eval_inputs))
     assert {k: v for k, v in m.items() if "chars" not in k} == read_metrics(without)
 
 
-def test_a_registered_judge_as_the_gold_judge(
-    plugged,
-    tiny_model_dir,
-    ppo_folder,
-    reward_folder,
-    data_files,
-    tmp_path,
-) -> None:
+def test_a_registered_judge_as_the_gold_judge(plugged, eval_inputs, tmp_path) -> None:
     """Any registered judge can give the gold figures; its references (none here) are optional."""
-    out = run_eval(
-        quick_args(
-            tmp_path / "eval",
-            tiny_model_dir,
-            ppo_folder,
-            reward_folder,
-            data_files,
-            gold_judge="contains_answer",
-        )
-    )
+    out = run_eval(quick_args(tmp_path / "eval", *eval_inputs, gold_judge="contains_answer"))
     m = read_metrics(out)
     assert m["gold_judge"] is True and m["judge/gold"] == "contains_answer"
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -180,18 +168,11 @@ def test_a_registered_judge_as_the_gold_judge(
     assert m["ppo/perfect_share"] == m["ppo/gold_mean"] and "ppo/exact_match" not in m
 
 
-def test_unknown_and_unusable_judge_names_are_refused(
-    plugged,
-    tiny_model_dir,
-    ppo_folder,
-    reward_folder,
-    data_files,
-    tmp_path,
-) -> None:
+def test_unknown_and_unusable_judge_names_are_refused(plugged, eval_inputs, data_files, tmp_path) -> None:
     out = tmp_path / "eval"
 
     def run(**overrides):
-        return run_eval(quick_args(out, tiny_model_dir, ppo_folder, reward_folder, data_files, **overrides))
+        return run_eval(quick_args(out, *eval_inputs, **overrides))
 
     registered = ", ".join(registered_judges())
     assert {"chars", "reward_model", "tiny_gold"} <= set(registered_judges())
@@ -218,9 +199,7 @@ def test_unknown_and_unusable_judge_names_are_refused(
     assert not out.exists() and plugged == []  # refused before anything was generated or written
 
 
-def test_a_chosen_gold_judge_refuses_prompts_it_cannot_judge(
-    tiny_model_dir, ppo_folder, reward_folder, data_files, tmp_path
-) -> None:
+def test_a_chosen_gold_judge_refuses_prompts_it_cannot_judge(eval_inputs, tmp_path) -> None:
     """No guessing from the prompts: the gold judge is chosen (`tiny_gold` by default) and every prompt must
     be one it can judge; the error names the option, the judge, the file and the prompt row."""
     prompts = tmp_path / "mixed.jsonl"
@@ -232,9 +211,7 @@ def test_a_chosen_gold_judge_refuses_prompts_it_cannot_judge(
         rf"gold_judge: tiny_gold cannot judge {re.escape(str(prompts))}, prompt row 2 \('Tell me a story\.'\)"
     )
     with pytest.raises(ConfigError, match=expected):
-        run_eval(
-            eval_args(out, tiny_model_dir, ppo_folder, reward_folder, data_files, dataset_name=str(prompts))
-        )
+        run_eval(eval_args(out, *eval_inputs, dataset_name=str(prompts)))
     assert not out.exists()  # refused before anything was generated or written
 
 

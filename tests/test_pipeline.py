@@ -17,17 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
+from helpers import REPO, TINY_DATA, head_of
 
 pytestmark = pytest.mark.slow
-
-
-def head_of(src: Path, dst: Path, n: int, *, last: bool = False) -> str:
-    lines = src.read_text().splitlines(keepends=True)
-    dst.write_text("".join(lines[-n:] if last else lines[:n]))
-    return str(dst)
 
 
 def write_configs(folder: Path, data: Path, tiny_model_dir: Path, sft_file: Path, *, mini_batches: int) -> None:
@@ -49,8 +41,8 @@ def write_configs(folder: Path, data: Path, tiny_model_dir: Path, sft_file: Path
             **common,
         },
         "reward": {
-            "dataset_name": head_of(TINY_DATA / "comparisons.jsonl", data / "comparisons.jsonl", 48),
-            "eval_dataset_name": head_of(TINY_DATA / "comparisons_eval.jsonl", data / "cmp_eval.jsonl", 16),
+            "dataset_name": str(head_of(TINY_DATA / "comparisons.jsonl", data / "comparisons.jsonl", 48)),
+            "eval_dataset_name": str(head_of(TINY_DATA / "comparisons_eval.jsonl", data / "cmp_eval.jsonl", 16)),
             "use_peft": False,
             "num_train_epochs": 1,
             "per_device_train_batch_size": 8,
@@ -63,7 +55,7 @@ def write_configs(folder: Path, data: Path, tiny_model_dir: Path, sft_file: Path
             **common,
         },
         "ppo": {
-            "dataset_name": head_of(TINY_DATA / "prompts.jsonl", data / "prompts.jsonl", 64),
+            "dataset_name": str(head_of(TINY_DATA / "prompts.jsonl", data / "prompts.jsonl", 64)),
             "use_peft": False,
             "total_episodes": 32,
             "rollout_batch_size": 16,
@@ -75,13 +67,13 @@ def write_configs(folder: Path, data: Path, tiny_model_dir: Path, sft_file: Path
             "eval_samples": 0,
             "logging_steps": 1,
             "save_steps": 0,
-            "ptx_dataset": head_of(TINY_DATA / "pretrain.jsonl", data / "pretrain.jsonl", 80),
+            "ptx_dataset": str(head_of(TINY_DATA / "pretrain.jsonl", data / "pretrain.jsonl", 80)),
             "ptx_heldout_rows": 20,
             "ptx_batch_size": 4,
             **common,
         },
         "eval": {
-            "dataset_name": head_of(TINY_DATA / "heldout_prompts.jsonl", data / "heldout.jsonl", 24),
+            "dataset_name": str(head_of(TINY_DATA / "heldout_prompts.jsonl", data / "heldout.jsonl", 24)),
             "ptx_eval_dataset": str(data / "pretrain.jsonl"),
             "ptx_eval_rows": 20,
             "max_new_tokens": 12,

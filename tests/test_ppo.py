@@ -8,14 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
+import stage_runs
 import torch
 import yaml
+from helpers import REPO, TINY_DATA, head_of
 from huggingface_hub import ModelCard
+from stage_runs import PPO_TYPES, normalised_by, reward_args, train_reward
 
-from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig, parse_args
+from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, parse_args
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
 from instruct_tune.models.reward import NORMALIZATION_FILE, load_reward_model
 from instruct_tune.models.sampling import encode_prompts, left_pad
@@ -24,17 +28,21 @@ from instruct_tune.ppo.models import build_ppo_models
 from instruct_tune.ppo.rollout import sample_rollout, sampling_policy
 from instruct_tune.ppo.trainer import NonFiniteError
 from instruct_tune.stages.ppo import ptx_ids, run_ppo
-from instruct_tune.stages.reward import run_reward
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
-PPO_TYPES = (PPOStageConfig, DataArguments, ModelArguments)
-
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
+# the shared tiny PPO config at this module's size: 4 steps of 8 prompts, 2 PPO epochs of 2 mini-batches
+ppo_args = partial(
+    stage_runs.ppo_args,
+    total_episodes=32,
+    num_mini_batches=2,
+    ppo_epochs=2,
+    max_new_tokens=10,
+    kl_coef=0.1,
+    missing_eos_penalty=1.0,
+    eval_samples=8,
+    sample_steps=2,
+    num_samples_logged=3,
+)
+policy_args = stage_runs.lora_args
 
 
 @pytest.fixture(scope="module")
@@ -52,31 +60,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _reward_run(out: Path, sft_folder: Path, data: dict[str, Path], use_peft: bool) -> Path:
-    args = RewardStageConfig(
-        output_dir=str(out),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
+    args = reward_args(
+        out,
         gradient_checkpointing=False,
-        use_cpu=True,
-        seed=0,
-        policy_path=str(sft_folder),
-        normalization_prompts=str(data["prompts"]),
-        normalization_samples=32,
-        normalization_max_new_tokens=12,
+        **normalised_by(sft_folder, data["prompts"], samples=32, max_new_tokens=12),
     )
-    data_args = DataArguments(
-        dataset_name=str(data["comparisons"]), eval_dataset_name=str(data["comparisons_eval"])
-    )
-    model_args = ModelArguments(
-        model_name_or_path=str(sft_folder), use_peft=use_peft, lora_r=8, lora_alpha=16
-    )
-    return run_reward(args, data_args, model_args)
+    model_args = policy_args(sft_folder, use_peft=use_peft)
+    return train_reward(args, model_args, data["comparisons"], data["comparisons_eval"])
 
 
 @pytest.fixture(scope="module")
@@ -89,37 +79,6 @@ def lora_reward(sft_folder: Path, data, tmp_path_factory: pytest.TempPathFactory
 def full_reward(sft_folder: Path, data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fully fine-tuned reward model: its base differs from the policy's."""
     return _reward_run(tmp_path_factory.mktemp("rm-full") / "reward", sft_folder, data, use_peft=False)
-
-
-def ppo_args(output_dir: Path, reward: Path, **overrides) -> PPOStageConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        reward_model_path=str(reward),
-        total_episodes=32,
-        rollout_batch_size=8,
-        num_mini_batches=2,
-        ppo_epochs=2,
-        max_new_tokens=10,
-        learning_rate=1e-3,
-        kl_coef=0.1,
-        missing_eos_penalty=1.0,
-        eval_samples=8,
-        sample_steps=2,
-        num_samples_logged=3,
-        logging_steps=1,
-        save_steps=0,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return PPOStageConfig(**values)
-
-
-def policy_args(sft_folder: Path, **overrides) -> ModelArguments:
-    values = dict(model_name_or_path=str(sft_folder), use_peft=True, lora_r=8, lora_alpha=16)
-    values.update(overrides)
-    return ModelArguments(**values)
 
 
 def prompt_batch(tokenizer, data, n: int = 6) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
+import stage_runs
 import torch
+from helpers import TINY_DATA, head_of
+from stage_runs import lora_args, normalised_by, reward_args, train_reward
 
-from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, RewardStageConfig
+from instruct_tune.config import ModelArguments
 from instruct_tune.models import load_tokenizer
 from instruct_tune.models.sampling import Rollout, decode_responses, encode_prompts
 from instruct_tune.ppo import core
@@ -24,16 +28,18 @@ from instruct_tune.ppo.advantages import (
 from instruct_tune.ppo.models import PPOModels, build_ppo_models, reward_normalization
 from instruct_tune.ppo.rollout import HFRolloutBackend, RolloutBackend
 from instruct_tune.ppo.trainer import PPOTrainer
-from instruct_tune.stages.reward import run_reward
 
-TINY_DATA = Path(__file__).resolve().parents[1] / "data" / "tiny"
-LORA = {"use_peft": True, "lora_r": 8, "lora_alpha": 16}
-
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
+# the shared tiny PPO config at this module's size: 3 steps of 8 prompts, no eval
+ppo_args = partial(
+    stage_runs.ppo_args,
+    total_episodes=24,
+    num_mini_batches=2,
+    max_new_tokens=8,
+    kl_coef=0.1,
+    eval_samples=0,
+    sample_steps=1,
+    num_samples_logged=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,52 +57,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def reward_folder(sft_folder: Path, data, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA reward model trained from the SFT run folder (one shared base for PPO's four models)."""
-    args = RewardStageConfig(
-        output_dir=str(tmp_path_factory.mktemp("seams-rm") / "reward"),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
+    args = reward_args(
+        tmp_path_factory.mktemp("seams-rm") / "reward",
         gradient_checkpointing=False,
-        use_cpu=True,
-        seed=0,
-        policy_path=str(sft_folder),
-        normalization_prompts=str(data["prompts"]),
-        normalization_samples=16,
-        normalization_max_new_tokens=8,
+        **normalised_by(sft_folder, data["prompts"], samples=16, max_new_tokens=8),
     )
-    data_args = DataArguments(
-        dataset_name=str(data["comparisons"]), eval_dataset_name=str(data["comparisons_eval"])
-    )
-    return run_reward(args, data_args, ModelArguments(model_name_or_path=str(sft_folder), **LORA))
-
-
-def ppo_args(output_dir: Path, reward: Path, **overrides) -> PPOStageConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        reward_model_path=str(reward),
-        total_episodes=24,
-        rollout_batch_size=8,
-        num_mini_batches=2,
-        ppo_epochs=1,
-        max_new_tokens=8,
-        learning_rate=1e-3,
-        kl_coef=0.1,
-        eval_samples=0,
-        sample_steps=1,
-        num_samples_logged=2,
-        logging_steps=1,
-        save_steps=0,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return PPOStageConfig(**values)
+    return train_reward(args, lora_args(sft_folder), data["comparisons"], data["comparisons_eval"])
 
 
 def prompt_ids(tokenizer, path: Path) -> list[list[int]]:
@@ -107,9 +73,7 @@ def prompt_ids(tokenizer, path: Path) -> list[list[int]]:
 def build(sft_folder: Path, reward_folder: Path):
     tokenizer = load_tokenizer(ModelArguments(model_name_or_path=str(sft_folder)))
     torch.manual_seed(0)  # the policy adapter's A weights
-    models = build_ppo_models(
-        ModelArguments(model_name_or_path=str(sft_folder), **LORA), tokenizer, str(reward_folder)
-    )
+    models = build_ppo_models(lora_args(sft_folder), tokenizer, str(reward_folder))
     return tokenizer, models
 
 

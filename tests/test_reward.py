@@ -10,13 +10,17 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import stage_runs
 import torch
 import yaml
+from helpers import REPO, TINY_DATA, assert_resolved_as_written, head_of
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from stage_runs import REWARD_TYPES, lora_args
 from transformers import AutoTokenizer
 
 from instruct_tune.cli import main as cli_main
@@ -37,42 +41,20 @@ from instruct_tune.stages.data_sources import train_eval_sets
 from instruct_tune.stages.reward import normalize, reference_responses, run_reward
 from instruct_tune.stages.reward_trainer import GroupedRewardTrainer
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = REPO / "data" / "tiny"
-REWARD_TYPES = (RewardStageConfig, DataArguments, ModelArguments)
 TASKS = ("add", "repeat", "reverse", "sort")
 
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
-
-
-def reward_args(output_dir: Path, **overrides) -> RewardStageConfig:
-    """A small, fast CPU configuration; `overrides` replace any of its values."""
-    values = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=1,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=64,
-        learning_rate=3e-3,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        logging_steps=5,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        seed=0,
-        normalization_samples=64,
-        normalization_max_new_tokens=24,
-    )
-    values.update(overrides)
-    return RewardStageConfig(**values)
+# the shared tiny reward config at this module's size: 16 prompts a batch, 64 normalisation samples
+reward_args = partial(
+    stage_runs.reward_args,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=64,
+    lr_scheduler_type="linear",
+    warmup_steps=0,
+    logging_steps=5,
+    gradient_checkpointing=False,
+    normalization_samples=64,
+    normalization_max_new_tokens=24,
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,10 +108,7 @@ def test_every_batch_of_the_trainer_holds_whole_groups(
 def reward_run(tiny_model_dir: Path, sft_folder: Path, comparisons, tmp_path_factory: pytest.TempPathFactory):
     """LoRA reward model from the SFT run folder on 160 rankings; normalised on the eval chosen responses."""
     out = tmp_path_factory.mktemp("rm") / "reward"
-    args = reward_args(out)
-    data_args = DataArguments(dataset_name=str(comparisons[0]), eval_dataset_name=str(comparisons[1]))
-    model_args = ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=8, lora_alpha=16)
-    return run_reward(args, data_args, model_args)
+    return stage_runs.train_reward(reward_args(out), lora_args(sft_folder), *comparisons)
 
 
 def test_run_folder_holds_every_artifact(reward_run: Path, sft_folder: Path, tiny_model_dir: Path) -> None:
@@ -275,18 +254,7 @@ def test_there_are_reward_configs() -> None:
 def test_reward_config_parses(path: Path, tmp_path: Path) -> None:
     parsed = parse_args(*REWARD_TYPES, args=["--config", str(path), "--output_dir", str(tmp_path)])
     assert isinstance(parsed[0], RewardStageConfig)
-    raw = yaml.safe_load(path.read_text())
-    resolved = resolved_config(*parsed)
-    for key, value in raw.items():
-        if key in ("env", "output_dir"):
-            continue
-        got = resolved[key]
-        if isinstance(value, str) and isinstance(got, list):
-            assert got == [value], key
-        elif isinstance(value, float) or isinstance(got, float):
-            assert got == pytest.approx(value), key
-        else:
-            assert got == value, key
+    assert_resolved_as_written(yaml.safe_load(path.read_text()), resolved_config(*parsed))
 
 
 def test_reward_command_takes_the_stage_options(capsys: pytest.CaptureFixture) -> None:

@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from instruct_tune.tiny import demonstrator
 from instruct_tune.tiny import task as tt
 from instruct_tune.tiny.build_data import FILES, build_tiny_data, imperfect_shares, make_pretrain_text
 from instruct_tune.tiny.task import (
@@ -98,7 +99,7 @@ def test_demonstrator_mistakes_strictly_between_zero_and_one(family: str) -> Non
     for split in ("train", "heldout"):
         for _ in range(300):
             t = sample_task(rng, family, split)
-            mistakes = tt._mistakes(t, rng)
+            mistakes = demonstrator._mistakes(t, rng)
             assert mistakes
             for m in mistakes:
                 assert 0.0 < gold_score(t.prompt, m) < 1.0, (t.prompt, m)

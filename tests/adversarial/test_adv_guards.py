@@ -11,31 +11,21 @@ import json
 import random
 import shutil
 import struct
+from functools import partial
 from pathlib import Path
 
 import pytest
+import stage_runs
 import yaml
+from helpers import TINY_DATA, head_of
+from stage_runs import PPO_TYPES, REWARD_TYPES, SFT_TYPES, lora_args, train_reward
 
-from instruct_tune.config import (
-    ConfigError,
-    DataArguments,
-    EvalStageConfig,
-    ModelArguments,
-    PPOStageConfig,
-    RewardStageConfig,
-    SFTStageConfig,
-    parse_args,
-)
+from instruct_tune.config import ConfigError, DataArguments, EvalStageConfig, ModelArguments, parse_args
 from instruct_tune.stages.eval import run_eval
 from instruct_tune.stages.ppo import run_ppo
 from instruct_tune.stages.reward import run_reward
 from instruct_tune.stages.sft import run_sft
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_DATA = REPO / "data" / "tiny"
-SFT_TYPES = (SFTStageConfig, DataArguments, ModelArguments)
-REWARD_TYPES = (RewardStageConfig, DataArguments, ModelArguments)
-PPO_TYPES = (PPOStageConfig, DataArguments, ModelArguments)
 FINISHED = ("metrics.json", "reward_normalization.json")
 WORDS = [
     "apple",
@@ -59,12 +49,6 @@ WORDS = [
 
 def not_finished(folder: Path) -> bool:
     return not any((folder / name).exists() for name in FINISHED)
-
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
 
 
 def long_text(n_words: int, seed: int = 0) -> str:
@@ -112,43 +96,9 @@ def files(tmp_path_factory: pytest.TempPathFactory, sft_rows: list[dict]) -> dic
     }
 
 
-def sft_args(output_dir: Path, **overrides) -> SFTStageConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        max_steps=3,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=32,
-        learning_rate=3e-3,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return SFTStageConfig(**values)
-
-
-def reward_args(output_dir: Path, **overrides) -> RewardStageConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        max_length=128,
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return RewardStageConfig(**values)
+# the shared tiny stage configs, logged every step: 3 SFT steps, one reward epoch
+sft_args = partial(stage_runs.sft_args, max_steps=3, per_device_eval_batch_size=32, logging_steps=1)
+reward_args = partial(stage_runs.reward_args, logging_steps=1)
 
 
 def garbage_copy(model_dir: Path, dst: Path) -> Path:
@@ -359,33 +309,20 @@ def test_reward_garbage_weights_are_refused(tiny_model_dir: Path, files, tmp_pat
 def reward_folder(sft_folder: Path, files, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA reward model over the SFT run folder, normalised on its eval comparisons."""
     out = tmp_path_factory.mktemp("adv-rm") / "reward"
-    data = DataArguments(
-        dataset_name=str(files["comparisons"]), eval_dataset_name=str(files["comparisons_eval"])
+    return train_reward(
+        reward_args(out), lora_args(sft_folder), files["comparisons"], files["comparisons_eval"]
     )
-    model = ModelArguments(model_name_or_path=str(sft_folder), use_peft=True, lora_r=8, lora_alpha=16)
-    return run_reward(reward_args(out), data, model)
 
 
-def ppo_args(output_dir: Path, reward: Path, **overrides) -> PPOStageConfig:
-    values = dict(
-        output_dir=str(output_dir),
-        reward_model_path=str(reward),
-        total_episodes=8,
-        rollout_batch_size=8,
-        num_mini_batches=1,
-        ppo_epochs=1,
-        max_new_tokens=10,
-        learning_rate=1e-3,
-        eval_samples=8,
-        sample_steps=0,
-        logging_steps=1,
-        save_steps=0,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-    )
-    values.update(overrides)
-    return PPOStageConfig(**values)
+# the shared tiny PPO config at one step: 8 prompts, one mini-batch
+ppo_args = partial(
+    stage_runs.ppo_args,
+    total_episodes=8,
+    num_mini_batches=1,
+    max_new_tokens=10,
+    eval_samples=8,
+    sample_steps=0,
+)
 
 
 @pytest.mark.parametrize(

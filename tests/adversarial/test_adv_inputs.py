@@ -2,7 +2,7 @@
 
 push and symlinks, infinite scores and margins, context overflow in generate and chat, deep or misnamed
 JSON, broken CSV, truncated weights, a 404 from the Hub, comment-only template differences and special-token
-text typed by a user. The Hub is a local recording server (as in tests/test_hub.py): nothing leaves the machine.
+text typed by a user. The Hub is a local recording server (tests/recording_hub.py): nothing leaves the machine.
 """
 
 from __future__ import annotations
@@ -10,87 +10,21 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from recording_hub import RecordingHub, push
 
 from instruct_tune.data import DataError, check_source, load_source
 from instruct_tune.hub import PushError, upload_plan
 
-CLI = [sys.executable, "-m", "instruct_tune.cli"]
-TOKEN = "hf_fakeTokenForTheRecordingServer0123456789"
 SECRET = b"root:x:0:0:secret-bytes-outside-the-run-folder\n"
 
 
 # --- push: symlinks and a 404 ---------------------------------------------------------------------------
-
-
-class RecordingHub(BaseHTTPRequestHandler):
-    """The Hub routes of a commit (create repo, preupload, commit); `fail` makes every route answer it."""
-
-    requests: list[dict] = []
-    fail: int | None = None
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def _reply(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _handle(self) -> None:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        type(self).requests.append({"path": self.path, "body": body})
-        if type(self).fail:
-            return self._reply(type(self).fail, {"error": "Repository not found"})
-        endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        path = self.path.split("?")[0]
-        if path == "/api/repos/create":
-            payload = json.loads(body)
-            return self._reply(200, {"url": f"{endpoint}/{payload['organization']}/{payload['name']}"})
-        if "/preupload/" in path:
-            files = [
-                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                for f in json.loads(body)["files"]
-            ]
-            return self._reply(200, {"files": files})
-        if "/commit/" in path:
-            return self._reply(200, {"commitUrl": f"{endpoint}/x/commit/abc123", "commitOid": "abc123"})
-        return self._reply(404, {"error": f"no route {path}"})
-
-    do_GET = do_POST = do_PUT = _handle
-
-
-@pytest.fixture()
-def hub_server():
-    RecordingHub.requests, RecordingHub.fail = [], None
-    server = ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def push_cli(folder: Path, endpoint: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_TOKEN")}
-    env.update({"HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": TOKEN})
-    return subprocess.run(
-        [*CLI, "push", str(folder), "--repo-id", "someone/tiny-ppo", *extra],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+# (the Hub: conftest's `hub_server` fixture, a recording_hub.RecordingHub)
 
 
 @pytest.fixture()
@@ -133,9 +67,9 @@ def test_push_and_dry_run_send_nothing_from_outside(
     run_folder: Path, tmp_path: Path, hub_server: str
 ) -> None:
     (run_folder / "vocab.json").symlink_to(tmp_path / "outside" / "shadow")
-    dry = push_cli(run_folder, "http://127.0.0.1:9", tmp_path, "--dry-run")
+    dry = push(run_folder, "http://127.0.0.1:9", tmp_path, "--dry-run")
     assert dry.returncode == 1 and "vocab.json ->" in dry.stderr and "Traceback" not in dry.stderr
-    out = push_cli(run_folder, hub_server, tmp_path)
+    out = push(run_folder, hub_server, tmp_path)
     assert out.returncode == 1 and "vocab.json ->" in out.stderr and "nothing was uploaded" in out.stderr
     assert not any(SECRET.strip() in r["body"] or b"cm9vdDp4" in r["body"] for r in RecordingHub.requests)
     assert not [r for r in RecordingHub.requests if "/commit/" in r["path"]]
@@ -143,7 +77,7 @@ def test_push_and_dry_run_send_nothing_from_outside(
 
 def test_push_404_names_the_repo_not_revision_none(run_folder: Path, tmp_path: Path, hub_server: str) -> None:
     RecordingHub.fail = 404
-    out = push_cli(run_folder, hub_server, tmp_path)
+    out = push(run_folder, hub_server, tmp_path)
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "someone/tiny-ppo" in out.stderr and "does not exist" in out.stderr and "HTTP 404" in out.stderr
     assert "None" not in out.stderr

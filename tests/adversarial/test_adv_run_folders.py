@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO, TINY_DATA, head_of
 
 from instruct_tune.config import (
     DataArguments,
@@ -32,15 +33,7 @@ from instruct_tune.stages.ppo import run_ppo
 from instruct_tune.stages.reward import run_reward
 from instruct_tune.stages.sft import run_sft
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_DATA = REPO / "data" / "tiny"
 COMMON = dict(report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
-
-
-def head_of(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as lines:
-        dst.write_text("".join(line for _, line in zip(range(n), lines, strict=False)))
-    return dst
 
 
 def sane_ppo() -> dict:
@@ -261,7 +254,7 @@ def training_step(self, *args, **kwargs):  # a run that is busy training when th
     time.sleep(300)
 
 Trainer.training_step = training_step
-sys.path.insert(0, sys.argv[5])
+sys.path[:0] = [sys.argv[5], str(pathlib.Path(sys.argv[5]).parent)]  # the module, and tests/ for its imports
 import test_adv_run_folders as helpers
 helpers.sft(pathlib.Path(out), pathlib.Path(model), {k: pathlib.Path(v) for k, v in data.items()})
 """

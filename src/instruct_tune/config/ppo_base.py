@@ -184,6 +184,6 @@ def _fresh_accelerate_state() -> None:
     same process (tests, notebooks, `make`-less pipelines) accelerate would otherwise keep that stage's state
     and refuse a different mixed precision ("AcceleratorState has already been initialized").
     """
-    from accelerate.state import AcceleratorState
+    from instruct_tune.compat import reset_accelerate_state
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate_state()

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from instruct_tune.data import load_source
 from instruct_tune.evaluation.judges import GOLD, RM, Judge, Prompt
 from instruct_tune.metrics import load_metric
 from instruct_tune.models.forward import lm_logits
@@ -74,6 +73,9 @@ class Answers:
         return Answers(self.texts * times, self.ended * times, self.lengths * times, kl)
 
 
+AnswerSets = Mapping[Key, Answers]  # every policy's answers under every decoding: what judges score, reports list
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -114,18 +116,6 @@ def generate(
             )
             answers.kl += ((logp - ref_logp) * rollout.response_mask).sum(1).tolist()
     return answers
-
-
-def text_token_rows(
-    tokenizer: PreTrainedTokenizerBase, path: str, max_length: int, rows: slice = slice(None)
-) -> list[list[int]]:
-    """Token ids of the `text` rows of `path` picked by `rows`, each ending in EOS and cut to `max_length`.
-
-    Held-out text is the file's last rows (`slice(-n, None)`); the training text, the others.
-    """
-    ds, _ = load_source(path, "text")
-    ids = tokenizer(list(ds["text"])[rows], add_special_tokens=False)["input_ids"]
-    return [(row + [tokenizer.eos_token_id])[:max_length] for row in ids if row]
 
 
 @torch.no_grad()
@@ -171,7 +161,7 @@ class Verdicts:
 
 
 def score_answers(
-    judge: Judge, prompts: EvalPrompts, answers: Mapping[Key, Answers]
+    judge: Judge, prompts: EvalPrompts, answers: AnswerSets
 ) -> dict[Key, list[float]]:
     """`judge`'s score of every answer, in one call; each distinct (prompt, response, EOS) is scored once, so
     equal responses of two policies get exactly equal scores (a tie)."""

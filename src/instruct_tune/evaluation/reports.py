@@ -13,9 +13,8 @@ from instruct_tune.evaluation.metrics import (
     RM,
     SAMPLED,
     SFT,
-    Answers,
+    AnswerSets,
     EvalPrompts,
-    Key,
     Verdicts,
     mean_key,
 )
@@ -186,7 +185,7 @@ def card_section(report: str, output_dir: Path) -> str:
 
 
 def write_samples(
-    path: Path, prompts: EvalPrompts, answers: Mapping[Key, Answers], verdicts: Sequence[Verdicts]
+    path: Path, prompts: EvalPrompts, answers: AnswerSets, verdicts: Sequence[Verdicts]
 ) -> None:
     """One JSON line per (policy, decoding, prompt, sample): the response and each judge's score of it
     (`reward`, `gold`, `<label>`).

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from instruct_tune.compat import fused_lm_output
 from instruct_tune.models.packed_forward import has_plain_lm_head
 
 
@@ -89,8 +90,6 @@ def select_lm_head(model: torch.nn.Module, device: torch.device, fused: bool | N
                 num_items_in_batch=num_items_in_batch,
                 **kwargs,
             )
-        from trl.trainer.utils import FusedCausalLMOutput
-
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:]
@@ -104,7 +103,7 @@ def select_lm_head(model: torch.nn.Module, device: torch.device, fused: bool | N
         entropy = torch.zeros_like(log_probs).masked_scatter(mask, valid_entropy)
         is_top1 = torch.zeros_like(mask).masked_scatter(mask, valid_top1)
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        return FusedCausalLMOutput(
+        return fused_lm_output(
             loss=-log_probs.sum() / count, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask
         )
 

@@ -28,6 +28,7 @@ from transformers import (
 from trl import get_quantization_config
 
 from instruct_tune.artifacts import is_hub_id
+from instruct_tune.compat import auto_model_class, ignoring_load_keys
 from instruct_tune.config import ModelArguments
 from instruct_tune.models.adapter_base import absolute_source, adapter_base, adapter_chain
 from instruct_tune.models.chat_template import ensure_chat_template
@@ -174,14 +175,9 @@ def _head_comes_later(auto_class: type, checkpoint: str, expected: bool, **confi
         yield
         return
     config = AutoConfig.from_pretrained(checkpoint, **config_kwargs)
-    model_class = auto_class._model_mapping[type(config)]
-    saved = model_class._keys_to_ignore_on_load_missing, model_class._keys_to_ignore_on_load_unexpected
-    model_class._keys_to_ignore_on_load_missing = [*(saved[0] or []), r"^score\."]
-    model_class._keys_to_ignore_on_load_unexpected = [*(saved[1] or []), r"^lm_head\."]
-    try:
+    model_class = auto_model_class(auto_class, config)
+    with ignoring_load_keys(model_class, missing=[r"^score\."], unexpected=[r"^lm_head\."]):
         yield
-    finally:
-        model_class._keys_to_ignore_on_load_missing, model_class._keys_to_ignore_on_load_unexpected = saved
 
 
 def load_model(

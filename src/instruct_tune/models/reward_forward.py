@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from instruct_tune.compat import attn_implementation
 from instruct_tune.data.reward_collator import packed_attention_mask
 
 # Attention implementations that take a custom 4D mask: boolean (sdpa) or additive (eager).
@@ -16,8 +17,7 @@ PACKED_ATTENTION = ("sdpa", "eager")
 
 
 def attention_implementation(model: nn.Module) -> str | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None)
+    return attn_implementation(model)
 
 
 def packed_rewards(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from torch import nn
 
+from instruct_tune.compat import adapter_switch_state, set_adapter_switch
 from instruct_tune.models.loading import adapter_base, adapter_chain
 
 POLICY, VALUE, REWARD = "default", "value", "reward"
@@ -33,18 +34,14 @@ def active_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
     policy and value adapters of one base from training together.
     """
     layers = list(_tuner_layers(model))
-    saved = [(layer._active_adapter, layer._disable_adapters) for layer in layers]
+    saved = [adapter_switch_state(layer) for layer in layers]
     try:
         for layer in layers:
-            if name is None:
-                layer._disable_adapters = True
-            else:
-                layer._active_adapter = [name]
-                layer._disable_adapters = False
+            set_adapter_switch(layer, None if name is None else [name], disabled=name is None)
         yield
     finally:
         for layer, (active, disabled) in zip(layers, saved, strict=True):
-            layer._active_adapter, layer._disable_adapters = active, disabled
+            set_adapter_switch(layer, active, disabled)
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -250,59 +250,46 @@ def build_ppo_models(
         )
         model_args.lora_dropout = 0.0  # on the caller's arguments: the run folder's config.yaml says what ran
     policy = load_model(model_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
+    ref: nn.Module | None = None  # the policy's base with adapters off, unless a reference copy is loaded
     if model_args.use_peft and shared_base and reward_shares_policy_base(policy_path, reward_path):
-        head = load_reward_adapter(policy, reward_path, (REWARD, VALUE))
+        reward_head = load_reward_adapter(policy, reward_path, (REWARD, VALUE))
         for name, param in policy.named_parameters():
             param.requires_grad_(f".{POLICY}." in name or f".{VALUE}." in name)
-        value_head = value_head_from(head, bias)
-        trainable = PolicyAndValue(policy, policy, value_head, value_adapter=VALUE, packed=packed)
-        return PPOModels(
-            trainable,
-            ref_model=None,
-            reward_model=policy,
-            reward_head=head.requires_grad_(False),
-            reward_adapter=REWARD,
-            normalization=normalization,
-            layout="one shared base: policy, reference, reward and value adapters",
-        )
-
-    reward = load_model(reward_args, tokenizer, head="reward", trust_remote_code=trust_remote_code)
-    reward.requires_grad_(False).eval()
-    reward_head = score_head(reward)
-    value_head = value_head_from(reward_head, bias)
-
-    if model_args.use_peft and shared_base:
-        # The reward model's own base carries the value adapter; the reward reads it with the adapter off.
-        value_lora = lora_config(model_args, reward.config.model_type, "causal")
-        value_lora.task_type = None
-        value_lora.modules_to_save = None
-        reward = get_peft_model(reward, value_lora, adapter_name=VALUE)
-        trainable = PolicyAndValue(policy, reward, value_head, value_adapter=VALUE, packed=packed)
-        return PPOModels(
-            trainable,
-            ref_model=None,
-            reward_model=reward,
-            reward_head=reward_head,
-            reward_adapter="off",
-            normalization=normalization,
-            layout="two bases: policy/reference (SFT) and value/reward (reward model)",
-        )
-
-    # Separate models: a frozen reference copy of the SFT model and a full trainable copy of the reward model.
-    ref_args = copy.copy(model_args)
-    ref_args.use_peft = False
-    ref_args.load_in_4bit = False
-    ref = load_model(ref_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
-    ref.requires_grad_(False).eval()
-    value = copy.deepcopy(reward).requires_grad_(True)
-    value.score = None  # the value head lives in `value_head`
-    trainable = PolicyAndValue(policy, value, value_head, value_adapter=None, packed=packed)
+        value_head = value_head_from(reward_head, bias)
+        reward = value = policy
+        value_adapter, reward_adapter = VALUE, REWARD
+        layout = "one shared base: policy, reference, reward and value adapters"
+    else:
+        reward = load_model(reward_args, tokenizer, head="reward", trust_remote_code=trust_remote_code)
+        reward.requires_grad_(False).eval()
+        reward_head = score_head(reward)
+        value_head = value_head_from(reward_head, bias)
+        if model_args.use_peft and shared_base:
+            # The reward model's own base carries the value adapter; the reward reads it with the adapter off.
+            value_lora = lora_config(model_args, reward.config.model_type, "causal")
+            value_lora.task_type = None
+            value_lora.modules_to_save = None
+            reward = value = get_peft_model(reward, value_lora, adapter_name=VALUE)
+            value_adapter, reward_adapter = VALUE, "off"
+            layout = "two bases: policy/reference (SFT) and value/reward (reward model)"
+        else:
+            # Separate models: a frozen reference copy of the SFT model and a full trainable copy of the reward.
+            ref_args = copy.copy(model_args)
+            ref_args.use_peft = False
+            ref_args.load_in_4bit = False
+            ref = load_model(ref_args, tokenizer, head="causal", trust_remote_code=trust_remote_code)
+            ref.requires_grad_(False).eval()
+            value = copy.deepcopy(reward).requires_grad_(True)
+            value.score = None  # the value head lives in `value_head`
+            value_adapter = reward_adapter = None
+            layout = "four models: policy, reference, reward, value"
+    trainable = PolicyAndValue(policy, value, value_head, value_adapter=value_adapter, packed=packed)
     return PPOModels(
         trainable,
         ref_model=ref,
         reward_model=reward,
-        reward_head=reward_head,
-        reward_adapter=None,
+        reward_head=reward_head.requires_grad_(False),  # already frozen unless it is the shared base's adapter
+        reward_adapter=reward_adapter,
         normalization=normalization,
-        layout="four models: policy, reference, reward, value",
+        layout=layout,
     )

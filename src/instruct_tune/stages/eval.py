@@ -29,7 +29,6 @@ Outputs in `output_dir`: `metrics.json` (keys in `instruct_tune.evaluation.repor
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from instruct_tune.artifacts import CARD_FILE, append_to_card, is_hub_id, write_
 from instruct_tune.checkpoints import write_atomic
 from instruct_tune.config import ConfigError, EvalStageConfig, ModelArguments, save_config
 from instruct_tune.data import load_source
+from instruct_tune.data.text_rows import text_token_rows
 from instruct_tune.evaluation.judges import GOLD, Prompt, check_judgeable, chosen_judges
 from instruct_tune.evaluation.metrics import (
     GREEDY,
@@ -56,7 +56,6 @@ from instruct_tune.evaluation.metrics import (
     perplexity,
     score_answers,
     text_nll,
-    text_token_rows,
 )
 from instruct_tune.evaluation.plots import (
     FAMILY_PLOT,
@@ -78,19 +77,9 @@ from instruct_tune.evaluation.reports import (
 )
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.lengths import prompts_in_context
-from instruct_tune.stages.runner import configure_logging
+from instruct_tune.stages.runner import configure_logging, is_main_process
 
 logger = logging.getLogger(__name__)
-
-
-class _EvalLogging:
-    """What `configure_logging` reads of TrainingArguments: eval logs at INFO from its one process."""
-
-    should_log = True
-
-    @staticmethod
-    def get_process_log_level() -> int:
-        return logging.WARNING  # the passive default, which `configure_logging` raises to INFO
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
@@ -165,8 +154,8 @@ def check_tokenizers(sft: PreTrainedTokenizerBase, policy: PreTrainedTokenizerBa
 
 def run_eval(args: EvalStageConfig) -> Path:
     """Evaluate the policies against the SFT policy; write the eval folder and print the results table."""
-    configure_logging(_EvalLogging())  # type: ignore[arg-type]
-    if int(os.environ.get("RANK", "0")) != 0:  # one process does the evaluation under `accelerate launch`
+    configure_logging(logging.INFO)  # eval logs at INFO from its one process
+    if not is_main_process():  # one process does the evaluation under `accelerate launch`
         return Path(args.output_dir)
     names = check_paths(args)
     verdicts = [Verdicts(label, judge, {}) for label, judge in chosen_judges(args)]

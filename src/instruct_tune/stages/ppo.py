@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
-from transformers import PreTrainedTokenizerBase, set_seed
+from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.checkpoints import disk_full_named, ppo_checkpoint_problem
-from instruct_tune.config import (
-    ConfigError,
-    DataArguments,
-    ModelArguments,
-    PPOStageConfig,
-)
-from instruct_tune.data import load_source
+from instruct_tune.config import ConfigError, DataArguments, ModelArguments, PPOStageConfig
+from instruct_tune.data.text_rows import text_rows, token_rows
 from instruct_tune.models import adapter_base, load_tokenizer
 from instruct_tune.models.adapter_base import record_adapter_base
 from instruct_tune.models.sampling import encode_prompts
@@ -33,12 +28,7 @@ from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
 from instruct_tune.stages.lengths import check_fits_context, model_context, prompt_budget
 from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
-from instruct_tune.stages.runner import (
-    configure_logging,
-    end_run,
-    take_push_request,
-    write_run_folder,
-)
+from instruct_tune.stages.runner import begin_stage, end_run, write_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +74,12 @@ def ptx_ids(
 
     The last `heldout_rows` rows are left out: the eval measures perplexity on them.
     """
-    texts, _ = load_source(path, "text")
+    texts = text_rows(path)
     if heldout_rows >= len(texts):
         raise ConfigError(
             f"ptx_heldout_rows: {heldout_rows} leaves none of the {len(texts)} rows of {path} for PPO-ptx"
         )
-    rows = list(texts["text"])[: len(texts) - heldout_rows]
-    ids = tokenizer(rows, add_special_tokens=False)["input_ids"]
-    return [(row + [tokenizer.eos_token_id])[:max_length] for row in ids if row]
+    return token_rows(tokenizer, texts[: len(texts) - heldout_rows], max_length)
 
 
 def save_policy(
@@ -115,9 +103,7 @@ def run_ppo(
     run_options: RunFolderArguments | None = None,
 ) -> Path:
     """Train the PPO policy and write its run folder; returns the folder."""
-    configure_logging(args)
-    push_to = take_push_request(args)
-    set_seed(args.seed)
+    push_to = begin_stage(args)
     if not args.reward_model_path:
         raise ConfigError("reward_model_path: set it to the reward stage's run folder")
     run_folder = open_run_folder(

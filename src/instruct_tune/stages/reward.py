@@ -33,16 +33,10 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import AutoConfig, PreTrainedTokenizerBase, set_seed
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from instruct_tune.artifacts import append_to_card
-from instruct_tune.config import (
-    ConfigError,
-    DataArguments,
-    ModelArguments,
-    RewardStageConfig,
-    follow_model_dropout,
-)
+from instruct_tune.config import ConfigError, DataArguments, ModelArguments, RewardStageConfig
 from instruct_tune.data import load_source
 from instruct_tune.data.preference_groups import group_comparisons
 from instruct_tune.data.reward_collator import GroupedPreferenceCollator
@@ -60,16 +54,9 @@ from instruct_tune.models.sampling import context_length, prompts_that_fit, samp
 from instruct_tune.models.template_compare import chat_template_difference, render_probe
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
 from instruct_tune.stages.guards import check_loaded_weights, check_metrics, check_weights
-from instruct_tune.stages.lengths import fit_max_length, model_context
 from instruct_tune.stages.reward_trainer import GroupedRewardTrainer
 from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
-from instruct_tune.stages.runner import (
-    configure_logging,
-    end_run,
-    finish_run,
-    run_training,
-    take_push_request,
-)
+from instruct_tune.stages.runner import end_run, finish_run, run_training, start_trl_stage
 
 logger = logging.getLogger(__name__)
 
@@ -212,15 +199,8 @@ def run_reward(
     run_options: RunFolderArguments | None = None,
 ) -> Path:
     """Train the reward model, evaluate and normalise it, and write its run folder; returns the folder."""
-    configure_logging(training_args)
-    push_to = take_push_request(training_args)
-    set_seed(training_args.seed)
-    follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
-    tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
-    source = model_args.model_name_or_path  # read after the loader: a GGUF source is now its converted folder
-    if training_args.max_length is not None:
-        context = model_context(source, trust_remote_code=training_args.trust_remote_code)
-        fit_max_length("reward", training_args, context, source)
+    start = start_trl_stage("reward", training_args, model_args)
+    tokenizer, source = start.tokenizer, start.source  # source: a GGUF source is now its converted folder
     if training_args.policy_path:
         check_chat_template(tokenizer, model_args.tokenizer_name_or_path or source, training_args.policy_path)
     run_folder = open_run_folder("reward", training_args, (training_args, data_args, model_args), run_options)
@@ -324,5 +304,5 @@ def run_reward(
             (output_dir / CALIBRATION_MD).write_text(f"# Reward model calibration\n\n{table}\n")
             append_to_card(output_dir, "Calibration (eval comparisons)", table)
         normalization.write(output_dir)  # last: make's sign of a finished reward folder
-    end_run(trainer.accelerator, output_dir, push_to, training_args)
+    end_run(trainer.accelerator, output_dir, start.push_to, training_args)
     return output_dir

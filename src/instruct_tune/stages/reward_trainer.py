@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 from trl import RewardTrainer
 
+from instruct_tune.compat import (
+    DatasetHooks,
+    add_trained_tokens,
+    log_trainer_metric,
+    prepare_inputs,
+    record_token_count,
+)
 from instruct_tune.data.preference_groups import group_comparisons, tokenize_groups
 from instruct_tune.models.reward_forward import packed_rewards
 from instruct_tune.stages.guards import NonFiniteGuard
@@ -36,24 +43,22 @@ def group_ranking_loss(
     return -(pair_weight * F.logsigmoid(diff)).sum() / pair_weight.sum()
 
 
-class GroupedRewardTrainer(NonFiniteGuard, RewardTrainer):
+class GroupedRewardTrainer(NonFiniteGuard, DatasetHooks, RewardTrainer):
     """`trl.RewardTrainer` over one row per prompt: own tokenisation, collator and loss; the rest is TRL's.
 
-    A NaN/inf loss or logged figure stops training (`instruct_tune.stages.guards`).
+    A NaN/inf loss or logged figure stops training (`instruct_tune.stages.guards`). TRL's private dataset hooks
+    are answered through `instruct_tune.compat.DatasetHooks`.
     """
 
     guard_stage = "reward"
+    signature_columns = ("input_ids", "better", "worse", "margin", "length")
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
         if "input_ids" in dataset.column_names:
             return dataset
         if "responses" not in dataset.column_names:
             dataset = group_comparisons(dataset)
         return tokenize_groups(dataset, processing_class, args.max_length, dataset_name)
-
-    def _set_signature_columns_if_needed(self) -> None:
-        if self._signature_columns is None:
-            self._signature_columns = ["input_ids", "better", "worse", "margin", "length"]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -71,8 +76,8 @@ class GroupedRewardTrainer(NonFiniteGuard, RewardTrainer):
         outputs = {"rewards": rewards}
 
         if mode == "train":
-            self._total_train_tokens += self.accelerator.gather_for_metrics(real_tokens).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            add_trained_tokens(self, self.accelerator.gather_for_metrics(real_tokens).sum().item())
+        record_token_count(self, mode)
         with torch.no_grad():
             diff = rewards[better] - rewards[worse]
             stats = {
@@ -81,13 +86,13 @@ class GroupedRewardTrainer(NonFiniteGuard, RewardTrainer):
                 "margin": diff.mean(),
             }
             for key, value in stats.items():
-                self._metrics[mode][key].append(self.accelerator.gather_for_metrics(value).mean().item())
+                log_trainer_metric(self, mode, key, self.accelerator.gather_for_metrics(value).mean().item())
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Evaluation during training reports the loss and the logged accuracy/margin; the rewards of a batch
         # vary in number between processes, so they are not gathered (the final eval scores every pair).
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -40,6 +39,7 @@ from instruct_tune.stages.run_lock import (
     acquire_lock,
     release_lock,
 )
+from instruct_tune.stages.runner import is_main_process
 
 __all__ = ["RunFolder", "RunFolderArguments", "RunFolderError", "RunFolderLocked", "open_run_folder"]
 
@@ -209,10 +209,6 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 # --- opening a run folder ---------------------------------------------------------------------------------
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _contents(folder: Path) -> list[str]:
     if not folder.exists():
         return []
@@ -295,7 +291,7 @@ def open_run_folder(
     live process.
     """
     folder = RunFolder(Path(args.output_dir), stage)
-    if not _is_main_process():
+    if not is_main_process():
         return folder
     overwrite = bool(options and options.overwrite_output_dir)
     _refuse_foreign(folder.path, stage, overwrite)

@@ -1,14 +1,17 @@
-"""What every training stage does around its trainer: resume from a checkpoint, train, write the run folder."""
+"""What every training stage does around its trainer: begin (logging, push request, seed, tokenizer), resume
+from a checkpoint, train, write the run folder."""
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
 from instruct_tune.checkpoints import (
@@ -17,13 +20,26 @@ from instruct_tune.checkpoints import (
     disk_full_named,
     trainer_checkpoint_problem,
 )
-from instruct_tune.config import ConfigError, PPOTrainingOptions, resolved_config, save_config
+from instruct_tune.config import (
+    ConfigError,
+    ModelArguments,
+    PPOTrainingOptions,
+    RewardStageConfig,
+    SFTStageConfig,
+    follow_model_dropout,
+    resolved_config,
+    save_config,
+)
 from instruct_tune.hub import PushError, check_repo_id, push_folder
+from instruct_tune.models import load_tokenizer
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
-from instruct_tune.stages.run_folder import RunFolder
+from instruct_tune.stages.lengths import fit_max_length, model_context
 from instruct_tune.stages.run_lock import release_lock
 from instruct_tune.stages.train_metrics import NothingLeftToTrain, StopAtTheEnd, whole_run_metrics
+
+if TYPE_CHECKING:  # run_folder imports `is_main_process` from here
+    from instruct_tune.stages.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +47,61 @@ logger = logging.getLogger(__name__)
 StageArguments = TrainingArguments | PPOTrainingOptions
 
 
-def configure_logging(args: StageArguments) -> None:
-    """Show instruct_tune's own messages (detected formats, skipped rows, resumes) on the main process."""
+def is_main_process() -> bool:
+    """Whether this is the launch's main process (`RANK` 0, or no launcher): the one that writes run folders."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def configure_logging(args: StageArguments | int) -> None:
+    """Show instruct_tune's own messages (detected formats, skipped rows, resumes) on the main process.
+
+    `args`: a stage's training options (their process log level; the passive WARNING becomes INFO where the
+    process logs), or a `logging` level itself (eval, one process: `logging.INFO`).
+    """
     package_logger = logging.getLogger("instruct_tune")
     if not package_logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[instruct_tune] %(message)s"))
         package_logger.addHandler(handler)
+    if isinstance(args, int):
+        package_logger.setLevel(args)
+        return
     level = args.get_process_log_level()
     package_logger.setLevel(logging.INFO if level == logging.WARNING and args.should_log else level)
+
+
+def begin_stage(args: StageArguments) -> str | None:
+    """How every training stage begins: its logging, its push request (`take_push_request`, checked now) and
+    its seed; returns the repo to push to."""
+    configure_logging(args)
+    push_to = take_push_request(args)
+    set_seed(args.seed)
+    return push_to
+
+
+@dataclass(frozen=True)
+class StageStart:
+    """What `start_trl_stage` gives a TRL stage: the push request, the tokenizer and the model it starts from
+    (`model_name_or_path` read after the loader: a GGUF source is then its converted folder)."""
+
+    push_to: str | None
+    tokenizer: PreTrainedTokenizerBase
+    source: str
+
+
+def start_trl_stage(
+    stage: str, training_args: SFTStageConfig | RewardStageConfig, model_args: ModelArguments
+) -> StageStart:
+    """Begin a TRL stage (SFT, reward): `begin_stage`, the model's dropout for TRL's (`follow_model_dropout`),
+    the tokenizer, and `max_length` checked against the model's context."""
+    push_to = begin_stage(training_args)
+    follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
+    tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
+    source = model_args.model_name_or_path
+    if training_args.max_length is not None:
+        context = model_context(source, trust_remote_code=training_args.trust_remote_code)
+        fit_max_length(stage, training_args, context, source)
+    return StageStart(push_to, tokenizer, source)
 
 
 def checkpoint_to_resume(

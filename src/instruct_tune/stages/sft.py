@@ -15,24 +15,18 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from transformers import set_seed
 from trl import SFTTrainer
 
-from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig, follow_model_dropout
+from instruct_tune.compat import add_trained_tokens, swap_collator, tensor_parallel_size
+from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
 from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
-from instruct_tune.models import load_model, load_tokenizer
+from instruct_tune.models import load_model
 from instruct_tune.models.lm_head import select_lm_head
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
 from instruct_tune.stages.guards import NonFiniteGuard, check_loaded_weights, check_metrics, check_weights
-from instruct_tune.stages.lengths import fit_max_length, model_context, sft_row_losses
+from instruct_tune.stages.lengths import sft_row_losses
 from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
-from instruct_tune.stages.runner import (
-    configure_logging,
-    end_run,
-    finish_run,
-    run_training,
-    take_push_request,
-)
+from instruct_tune.stages.runner import end_run, finish_run, run_training, start_trl_stage
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +55,13 @@ class RowPackedSFTTrainer(GuardedSFTTrainer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.data_collator = RowPackedCollator(self.processing_class.pad_token_id, repack=self.args.repack_batches)
+        swap_collator(self, RowPackedCollator(self.processing_class.pad_token_id, repack=self.args.repack_batches))
 
     def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         # Corrected before TRL adds its count inside the step, so the `num_tokens` it records is exact.
         extra = inputs.pop(REAL_TOKENS) - inputs["position_ids"].size(1)
-        self._total_train_tokens += self.accelerator.gather_for_metrics(extra.reshape(1)).sum().item() // self._tp_size
+        gathered = self.accelerator.gather_for_metrics(extra.reshape(1)).sum().item()
+        add_trained_tokens(self, gathered // tensor_parallel_size(self))
         return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
@@ -103,15 +98,8 @@ def run_sft(
     run_options: RunFolderArguments | None = None,
 ) -> Path:
     """Train the SFT policy and write its run folder; returns the folder."""
-    configure_logging(training_args)
-    push_to = take_push_request(training_args)
-    set_seed(training_args.seed)
-    follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
-    tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
-    source = model_args.model_name_or_path
-    if training_args.max_length is not None:
-        context = model_context(source, trust_remote_code=training_args.trust_remote_code)
-        fit_max_length("sft", training_args, context, source)
+    start = start_trl_stage("sft", training_args, model_args)
+    tokenizer, source = start.tokenizer, start.source
     run_folder = open_run_folder("sft", training_args, (training_args, data_args, model_args), run_options)
     completion_only = training_args.completion_only_loss is not False and not training_args.assistant_only_loss
     train, eval_set = sft_datasets(
@@ -154,5 +142,5 @@ def run_sft(
         metrics=metrics,
         eval_data=eval_set_description(data_args),
     )
-    end_run(trainer.accelerator, output_dir, push_to, training_args)
+    end_run(trainer.accelerator, output_dir, start.push_to, training_args)
     return output_dir
