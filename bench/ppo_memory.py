@@ -73,7 +73,7 @@ def build_folders(work: Path, n_embd: int, n_layer: int) -> tuple[Path, Path, Pa
     rm.save_pretrained(reward)
     sft_tokenizer.save_pretrained(reward)
     # An untrained head: raw scores are the rewards (the file also marks the reward folder finished).
-    RewardNormalization.identity("benchmark").write(reward)
+    RewardNormalization(std=1.0, source="benchmark").write(reward)
     return base, sft, reward, n_params
 
 

@@ -16,6 +16,7 @@ from stage_runs import lora_args, normalised_by, reward_args, train_reward
 
 from instruct_tune.config import ModelArguments
 from instruct_tune.models import load_tokenizer
+from instruct_tune.models.reward_normalization import RewardNormalization
 from instruct_tune.models.sampling import Rollout, decode_responses, encode_prompts
 from instruct_tune.ppo import core
 from instruct_tune.ppo.adapters import POLICY
@@ -25,7 +26,7 @@ from instruct_tune.ppo.advantages import (
     Advantages,
     KLPenalizedGAE,
 )
-from instruct_tune.ppo.models import PPOModels, build_ppo_models, reward_normalization
+from instruct_tune.ppo.models import PPOModels, build_ppo_models
 from instruct_tune.ppo.rollout import HFRolloutBackend, RolloutBackend
 from instruct_tune.ppo.trainer import PPOTrainer
 
@@ -313,5 +314,5 @@ def test_scale_scores_applies_the_whole_normalisation_and_needs_a_std(
     with pytest.raises(ValueError, match="scale_scores: the reward model's normalisation records no std"):
         PPOTrainer(ppo_args(tmp_path / "c", reward_folder, scale_scores=True), no_std, tokenizer, prompts)
     # A reward folder without a normalisation file: raw scores, and no std for scale_scores to divide by.
-    bare = reward_normalization(str(tmp_path))
+    bare = RewardNormalization.load(str(tmp_path))
     assert (bare.bias, bare.scale, bare.std) == (0.0, 1.0, 0.0)

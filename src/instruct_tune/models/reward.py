@@ -13,7 +13,6 @@ units PPO trains on. `score` applies it, `raw_score` does not.
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -40,9 +39,6 @@ __all__ = [
     "reward_head_modules",
     "reward_input_ids",
 ]
-
-logger = logging.getLogger(__name__)
-
 
 def reward_head_modules(model: nn.Module) -> list[nn.Linear]:
     """The `score` linear layer(s) of a sequence-classification model (LoRA: original and trained copy)."""
@@ -146,7 +142,4 @@ def load_reward_model(
     tokenizer = load_tokenizer(model_args, trust_remote_code=trust_remote_code)
     model = load_model(model_args, tokenizer, head="reward", trust_remote_code=trust_remote_code)
     model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    normalization = RewardNormalization.read(path)
-    if normalization is None:
-        logger.warning("%s has no %s: scores are not normalised", path, NORMALIZATION_FILE)
-    return RewardModel(model, tokenizer, normalization=normalization)
+    return RewardModel(model, tokenizer, normalization=RewardNormalization.load(path))

@@ -13,6 +13,7 @@ have (`bias`, `mean`, `std`, `n`, `source`); `scale` defaults to `std` where a f
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,6 +22,8 @@ from typing import Any
 import torch
 
 NORMALIZATION_FILE = "reward_normalization.json"
+
+logger = logging.getLogger(__name__)
 
 
 class NormalizationError(ValueError):
@@ -34,7 +37,7 @@ class RewardNormalization:
     bias: float = 0.0
     scale: float = 1.0
     mean: float = 0.0
-    std: float = 1.0
+    std: float = 0.0  # 0: no reference scores measured (PPO's `scale_scores` refuses such a normalisation)
     n: int = 0
     source: str = "none"
 
@@ -56,6 +59,15 @@ class RewardNormalization:
     def identity(cls, source: str = "none") -> RewardNormalization:
         """Raw scores unchanged: a reward model without a normalisation file."""
         return cls(source=source)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> RewardNormalization:
+        """The run folder's normalisation; without one, raw scores (the identity), with a warning."""
+        found = cls.read(folder)
+        if found is not None:
+            return found
+        logger.warning("%s has no %s: raw scores are used, not normalised", folder, NORMALIZATION_FILE)
+        return cls.identity(f"none: {folder} has no normalisation")
 
     def apply(self, raw: torch.Tensor) -> torch.Tensor:
         """Normalised scores: (raw + bias) / scale."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import replace
 
 import torch
 from peft import PeftModel, get_peft_model
@@ -212,15 +211,6 @@ def _is_part_of(module: nn.Module, parent: nn.Module) -> bool:
 # --- building -------------------------------------------------------------------------------------------
 
 
-def reward_normalization(reward_path: str) -> RewardNormalization:
-    """The reward run folder's normalisation; without one, raw scores and no std (`scale_scores` refuses it)."""
-    found = RewardNormalization.read(reward_path)
-    if found is not None:
-        return found
-    logger.warning("%s has no reward normalisation: raw scores are used", reward_path)
-    return replace(RewardNormalization.identity(f"none: {reward_path} has no normalisation"), std=0.0)
-
-
 def build_ppo_models(
     model_args: ModelArguments,
     tokenizer: PreTrainedTokenizerBase,
@@ -235,7 +225,7 @@ def build_ppo_models(
     `packed`: every forward over a rollout runs padding-free (`instruct_tune.models.packed_forward`).
     """
     policy_path = model_args.model_name_or_path
-    normalization = reward_normalization(reward_path)
+    normalization = RewardNormalization.load(reward_path)
     bias = normalization.bias
     reward_args = ModelArguments(
         model_name_or_path=reward_path,
