@@ -37,10 +37,14 @@ def check_config_keys(config: Mapping[str, Any], dataclass_types: Sequence[type]
     raise ConfigError(f"{source}: unknown option(s) {', '.join(hints)}")
 
 
+def flag_names(args: Sequence[str]) -> set[str]:
+    """The option names set on a command line (`--name value`, `--name=value`, `--some-name`)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
+
+
 def check_flags_left(remaining: Sequence[str], dataclass_types: Sequence[type]) -> None:
     """Refuse what the flag parser left unread, as `check_config_keys` refuses unknown YAML keys."""
     if not remaining:
         return
-    flags = {a[2:].split("=", 1)[0].replace("-", "_"): None for a in remaining if a.startswith("--")}
-    check_config_keys(flags, dataclass_types, "command line")
+    check_config_keys(dict.fromkeys(flag_names(remaining)), dataclass_types, "command line")
     raise ConfigError(f"command line: arguments no stage dataclass reads: {list(remaining)}")

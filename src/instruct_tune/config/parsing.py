@@ -20,7 +20,7 @@ import yaml
 from trl import TrlParser
 
 from instruct_tune.config.errors import ConfigError
-from instruct_tune.config.keys import check_config_keys, check_flags_left
+from instruct_tune.config.keys import check_config_keys, check_flags_left, flag_names
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,6 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a YAML mapping of option: value")
     return data
-
-
-def _flags_given(args: Sequence[str]) -> set[str]:
-    """The option names set on the command line (`--name value` or `--name=value`)."""
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in args if a.startswith("--")}
 
 
 def _data_overrides(config: dict[str, Any], flags: set[str], config_path: str) -> dict[str, Any]:
@@ -93,7 +88,7 @@ def parse_args(*dataclass_types: type, args: Sequence[str] | None = None) -> tup
         flag_args = args[:index] + args[index + 2 :]
         config = read_yaml_config(config_path)
         check_config_keys(config, dataclass_types, config_path)
-        config = _data_overrides(config, _flags_given(flag_args), config_path)
+        config = _data_overrides(config, flag_names(flag_args), config_path)
         for key, value in (config.pop("env", None) or {}).items():  # as TrlParser does
             os.environ[key] = str(value)
         unused = parser.set_defaults_with_config(**config)

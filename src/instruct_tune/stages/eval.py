@@ -77,7 +77,8 @@ from instruct_tune.evaluation.reports import (
 )
 from instruct_tune.models import load_model, load_tokenizer
 from instruct_tune.stages.lengths import prompts_in_context
-from instruct_tune.stages.runner import configure_logging, is_main_process
+from instruct_tune.stages.run_folder import is_main_process
+from instruct_tune.stages.runner import configure_logging
 
 logger = logging.getLogger(__name__)
 

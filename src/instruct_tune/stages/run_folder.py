@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Mapping, Sequence
@@ -39,9 +40,15 @@ from instruct_tune.stages.run_lock import (
     acquire_lock,
     release_lock,
 )
-from instruct_tune.stages.runner import is_main_process
 
-__all__ = ["RunFolder", "RunFolderArguments", "RunFolderError", "RunFolderLocked", "open_run_folder"]
+__all__ = [
+    "RunFolder",
+    "RunFolderArguments",
+    "RunFolderError",
+    "RunFolderLocked",
+    "is_main_process",
+    "open_run_folder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +214,11 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 # --- opening a run folder ---------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    """Whether this is the launch's main process (`RANK` 0, or no launcher): the one that writes run folders."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _contents(folder: Path) -> list[str]:

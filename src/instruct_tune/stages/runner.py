@@ -4,11 +4,10 @@ from a checkpoint, train, write the run folder."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from accelerate import Accelerator
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
@@ -35,21 +34,14 @@ from instruct_tune.models import load_tokenizer
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
 from instruct_tune.stages.lengths import fit_max_length, model_context
+from instruct_tune.stages.run_folder import RunFolder
 from instruct_tune.stages.run_lock import release_lock
 from instruct_tune.stages.train_metrics import NothingLeftToTrain, StopAtTheEnd, whole_run_metrics
-
-if TYPE_CHECKING:  # run_folder imports `is_main_process` from here
-    from instruct_tune.stages.run_folder import RunFolder
 
 logger = logging.getLogger(__name__)
 
 # The training options of a stage: a Trainer's (SFT, reward) or the PPO stage's own, which declare the same names.
 StageArguments = TrainingArguments | PPOTrainingOptions
-
-
-def is_main_process() -> bool:
-    """Whether this is the launch's main process (`RANK` 0, or no launcher): the one that writes run folders."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def configure_logging(args: StageArguments | int) -> None:
