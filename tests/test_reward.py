@@ -155,6 +155,9 @@ def test_metrics_calibration_and_card(reward_run: Path, tiny_model_dir: Path) ->
     assert card.data.library_name == "peft"
     assert "reward" in card.data.tags and card.data.pipeline_tag == "text-classification"
     assert "## Calibration" in card.text and "## Normalisation" in card.text
+    # the card states the units every later stage scores in: bias and scale together
+    norm = json.loads((reward_run / "reward_normalization.json").read_text())
+    assert f"bias {norm['bias']:+.4f} and scale {norm['scale']:.4f}" in card.text
     assert "load_reward_model" in card.text
     assert f"{metrics['eval_accuracy']:.4g}" in card.text
 

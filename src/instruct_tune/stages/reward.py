@@ -294,8 +294,9 @@ def run_reward(
         append_to_card(
             output_dir,
             "Normalisation",
-            f"Scores are shifted by bias {normalization.bias:+.4f} so that {normalization.source} "
-            f"score mean 0 (std {normalization.std:.4f}, n={normalization.n}); stored in "
+            f"Scores are (raw + bias) / scale with bias {normalization.bias:+.4f} and scale "
+            f"{normalization.scale:.4f}, so that {normalization.source} score mean 0 and std 1 "
+            f"(n={normalization.n}); stored in "
             f"`{NORMALIZATION_FILE}`.",
         )
         if calibration:
