@@ -20,7 +20,6 @@ from instruct_tune.config.parsing import parse_args, read_yaml_config, resolved_
 from instruct_tune.config.ppo import PPO_INSTEAD, PPOStageConfig
 from instruct_tune.config.ppo_base import PPOTrainingOptions
 from instruct_tune.config.trl_stages import (
-    DevicePrecisionDefault,
     RewardStageConfig,
     SFTStageConfig,
     TRLStageDefaults,
@@ -31,7 +30,6 @@ __all__ = [
     "PPO_INSTEAD",
     "ConfigError",
     "DataArguments",
-    "DevicePrecisionDefault",
     "EvalStageConfig",
     "ModelArguments",
     "PPOStageConfig",

@@ -32,9 +32,6 @@ class TRLStageDefaults:
         super().__post_init__()
 
 
-DevicePrecisionDefault = TRLStageDefaults  # the mixin's former name
-
-
 def follow_model_dropout(training_args: Any, model_args: ModelArguments) -> None:
     """Give a TRL stage config the stage's one `disable_dropout` option, `ModelArguments.disable_dropout`.
 
