@@ -138,7 +138,6 @@ class PPOTrainingOptions:
         if self.disable_tqdm is None:
             self.disable_tqdm = hf_logging.get_verbosity() > logging.WARN
         self.report_to = _trackers(self.report_to)
-        _fresh_accelerate_state()
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup updates: `warmup_steps` itself, or below 1 that share of `num_training_steps`."""
@@ -176,14 +175,3 @@ def _trackers(report_to: None | str | list[str]) -> list[str]:
         return []
     return list(report_to) if isinstance(report_to, (list, tuple)) else [report_to]
 
-
-def _fresh_accelerate_state() -> None:
-    """Forget accelerate's process state, as building `TrainingArguments` does.
-
-    `PPOTrainer` builds its `Accelerator` from this config (cpu, mixed precision); after another stage in the
-    same process (tests, notebooks, `make`-less pipelines) accelerate would otherwise keep that stage's state
-    and refuse a different mixed precision ("AcceleratorState has already been initialized").
-    """
-    from instruct_tune.compat import reset_accelerate_state
-
-    reset_accelerate_state()

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.checkpoints import trim_jsonl
+from instruct_tune.compat import reset_accelerate_state
 from instruct_tune.config import PPOStageConfig
 from instruct_tune.models.sampling import Rollout
 from instruct_tune.ppo import checkpointing, core, schedule
@@ -77,6 +78,9 @@ class PPOTrainer:
         self.output_dir = Path(args.output_dir)
         mixed = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
         trackers = [t for t in (args.report_to or []) if t not in ("none", "all")]
+        # A fresh accelerate state, as building `TrainingArguments` gives the Trainer stages: a stage run
+        # earlier in this process (tests, notebooks) would leave its state and refuse another mixed precision.
+        reset_accelerate_state()
         self.accelerator = Accelerator(
             cpu=args.use_cpu,
             mixed_precision=mixed,
