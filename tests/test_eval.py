@@ -53,6 +53,8 @@ def ppo_folder(make_adapter_folder, tiny_model_dir) -> Path:
         {"objective/scores": 0.1 * step, "objective/kl": 0.02 * step, "step": step} for step in range(1, 6)
     ]
     (out / "trainer_state.json").write_text(json.dumps({"global_step": 5, "log_history": log}))
+    # what a PPO run folder records of its cost (PPO logs its completions as `episodes`)
+    (out / "metrics.json").write_text(json.dumps({"train_runtime": 12.4, "episodes": 64, "peak_rss_mib": 321.0}))
     return out
 
 
@@ -168,6 +170,12 @@ def test_results_table_and_plots(eval_run: Path, capsys: pytest.CaptureFixture) 
     assert "gold sort" in report and "KL to SFT" in report and "perplexity" in report
     m = read_metrics(eval_run)
     assert f"| ppo | {m['mean_reward_ppo']:.3f} | {m['win_rate_vs_sft_rm']:.3f} |" in report
+    # the training cost of each policy, read from its run folder, once (the sampled table only)
+    assert report.count("| train s | episodes | peak RSS MiB |") == 1
+    sampled = report.split("## Greedy")[0]
+    rows = {line.split(" | ")[0]: line for line in sampled.splitlines() if line.startswith("| ")}
+    assert rows["| ppo"].endswith("| 12 | 64 | 321 |") and rows["| sft_copy"].endswith("| – | – | – |")
+    assert (m["ppo/train_runtime"], m["ppo/train_episodes"], m["ppo/peak_rss_mib"]) == (12.4, 64, 321.0)
     for name in ("ppo_training.png", "reward_hist.png", "gold_by_family.png"):
         path = eval_run / name
         assert path.read_bytes()[:8] == PNG_MAGIC, name

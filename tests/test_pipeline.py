@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,24 @@ def test_make_rlhf_chain_stops_names_the_stage_continues_and_skips(
     assert forced.returncode == 0 and stages_run(forced) == ["sft"]
     assert (out / "sft.previous" / "model.safetensors").read_bytes() == old_sft
     assert (out / "sft" / "model.safetensors").read_bytes() != old_sft  # another seed, another model
+
+
+def test_make_methods_chain_runs_each_method_from_one_sft_start_and_evaluates_all(tmp_path: Path) -> None:
+    """`make rlhf METHODS=...` (dry run): each method's stage from the same SFT folder, then one eval of all."""
+    config, out = tmp_path / "config", tmp_path / "out"
+    plan = make("rlhf", config, out, METHODS="ppo dpo grpo rloo-gold", FORCE="1", SEED="3", MAKEFLAGS="-n")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    planned = [line.split()[3] for line in plan.stdout.splitlines() if line.startswith('echo "==> stage ')]
+    assert planned == ["sft", "reward", "ppo", "dpo", "grpo", "rloo-gold", "eval"]
+    recipes = (re.search(r" recipes/(\w+)\.py --config", line) for line in plan.stdout.splitlines())
+    commands = {found.group(1): found.string for found in recipes if found}
+    assert f"--config {config}/dpo.yaml --model_name_or_path {out}/sft --seed 3" in commands["dpo"]
+    assert f"--model_name_or_path {out}/sft" in commands["grpo"]
+    assert f"--reward_model_path {out}/reward --output_dir {out}/grpo" in commands["grpo"]
+    assert f"--reward tiny_gold --output_dir {out}/rloo-gold" in commands["rloo"]
+    policies = f"--policy_paths {out}/ppo {out}/dpo {out}/grpo {out}/rloo-gold "
+    assert policies in commands["eval"]
+
+    wrong = make("rlhf", config, out, METHODS="ppo kto")
+    assert wrong.returncode != 0
+    assert "METHODS: unknown method(s) 'kto'; choose from: ppo dpo grpo rloo grpo-gold rloo-gold" in wrong.stderr

@@ -3,6 +3,7 @@
     instruct-tune sft --config recipes/configs/tiny/sft.yaml [--key value ...]
     instruct-tune reward --config recipes/configs/tiny/reward.yaml [--key value ...]
     instruct-tune ppo --config recipes/configs/tiny/ppo.yaml [--key value ...]
+    instruct-tune dpo|grpo|rloo --config recipes/configs/tiny/<stage>.yaml [--key value ...]
     instruct-tune eval --config recipes/configs/tiny/eval.yaml [--key value ...]
     instruct-tune score outputs/tiny/reward --prompt "Add 2 and 3." --response "5"
     instruct-tune data check data/tiny/sft.jsonl --kind sft
@@ -12,6 +13,7 @@
     instruct-tune merge outputs/tiny/ppo --output outputs/tiny/ppo-merged
     instruct-tune generate outputs/tiny/ppo --input prompts.jsonl --output answers.jsonl
     instruct-tune chat outputs/tiny/ppo
+    instruct-tune label new-project NAME --prompts FILE --policy RUN_FOLDER -k 4 | add-labeler | serve | stats | export
 
 Heavy libraries are imported only by the command that needs them, so `--help` answers at once.
 """
@@ -27,6 +29,9 @@ commands:
   sft          supervised fine-tuning (same options as recipes/sft.py)
   reward       reward model on comparisons (same options as recipes/reward.py)
   ppo          PPO against the reward model (same options as recipes/ppo.py)
+  dpo          DPO on the comparisons, the SFT policy as reference (same options as recipes/dpo.py)
+  grpo         GRPO (TRL) against the reward model or a gold judge (same options as recipes/grpo.py)
+  rloo         RLOO (TRL) against the reward model or a gold judge (same options as recipes/rloo.py)
   eval         policies vs SFT on held-out prompts: win rates, reward, KL, plots (same options as recipes/eval.py)
   score        print the normalised reward of responses to a prompt: score RUN_FOLDER --prompt P --response R
   data check   detect the format of a dataset and list every problem row
@@ -36,36 +41,30 @@ commands:
   merge        merge a run folder's adapter into its base: a standalone safetensors model
   generate     answer a file of prompts with a run folder or Hub id (JSONL out)
   chat         chat with a run folder or Hub id in the terminal (streaming, history kept)
+  label        the labelling app: new-project | add-labeler | serve | stats | export (rankings for the reward model)
 
 Run `instruct-tune <command> --help` for the options of one command.
 """
 
 
-def _sft(argv: Sequence[str]) -> int:
-    from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig, parse_args
-    from instruct_tune.stages.run_folder import RunFolderArguments
-    from instruct_tune.stages.sft import run_sft
+def _training_stage(stage: str, config: str) -> Callable[[Sequence[str]], int]:
+    """The command of a training stage: `instruct_tune.stages.<module>.run_<stage>` on the config class
+    `config` ("module:Class" under `instruct_tune.config`), both imported only when the command runs."""
 
-    run_sft(*parse_args(SFTStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
-    return 0
+    def command(argv: Sequence[str]) -> int:
+        from importlib import import_module
 
+        from instruct_tune.config import DataArguments, ModelArguments, parse_args
+        from instruct_tune.stages.run_folder import RunFolderArguments
 
-def _reward(argv: Sequence[str]) -> int:
-    from instruct_tune.config import DataArguments, ModelArguments, RewardStageConfig, parse_args
-    from instruct_tune.stages.reward import run_reward
-    from instruct_tune.stages.run_folder import RunFolderArguments
+        module, name = config.split(":")
+        config_class = getattr(import_module(f"instruct_tune.config.{module}"), name)
+        stage_module = {"grpo": "online_rl", "rloo": "online_rl"}.get(stage, stage)
+        run = getattr(import_module(f"instruct_tune.stages.{stage_module}"), f"run_{stage}")
+        run(*parse_args(config_class, DataArguments, ModelArguments, RunFolderArguments, args=argv))
+        return 0
 
-    run_reward(*parse_args(RewardStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
-    return 0
-
-
-def _ppo(argv: Sequence[str]) -> int:
-    from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, parse_args
-    from instruct_tune.stages.ppo import run_ppo
-    from instruct_tune.stages.run_folder import RunFolderArguments
-
-    run_ppo(*parse_args(PPOStageConfig, DataArguments, ModelArguments, RunFolderArguments, args=argv))
-    return 0
+    return command
 
 
 def _eval(argv: Sequence[str]) -> int:
@@ -238,10 +237,19 @@ def _chat(argv: Sequence[str]) -> int:
     return 0
 
 
+def _label(argv: Sequence[str]) -> int:
+    from instruct_tune.label.cli import main as label_main
+
+    return label_main(argv)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
-    "sft": _sft,
-    "reward": _reward,
-    "ppo": _ppo,
+    "sft": _training_stage("sft", "trl_stages:SFTStageConfig"),
+    "reward": _training_stage("reward", "trl_stages:RewardStageConfig"),
+    "ppo": _training_stage("ppo", "ppo:PPOStageConfig"),
+    "dpo": _training_stage("dpo", "dpo:DPOStageConfig"),
+    "grpo": _training_stage("grpo", "online_rl:GRPOStageConfig"),
+    "rloo": _training_stage("rloo", "online_rl:RLOOStageConfig"),
     "eval": _eval,
     "score": _score,
     "data": _data,
@@ -251,6 +259,7 @@ COMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "merge": _merge,
     "generate": _generate,
     "chat": _chat,
+    "label": _label,
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,25 +156,22 @@ def _http_status(error: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def push_folder(
-    folder: str | Path,
+def push_files(
+    uploads: Sequence[Upload],
     repo_id: str,
     *,
+    repo_type: str = "model",
     private: bool = False,
     revision: str | None = None,
-    commit_message: str | None = None,
-    include_checkpoints: bool = False,
-    dry_run: bool = False,
-) -> tuple[list[Upload], str | None]:
-    """Upload the run folder's plan to `repo_id` in one commit; returns the plan and the commit URL.
+    commit_message: str,
+    contents: Mapping[str, bytes] | None = None,
+) -> str:
+    """Upload `uploads` to the `repo_type` repo `repo_id` in one commit; returns the commit URL.
 
-    With `dry_run` nothing is contacted and the URL is None. Local files are only read.
+    `contents` sends bytes in place of the local file of a path in the repo (the card as it goes up). The repo
+    (and `revision`'s branch) is created when missing. Every failure is a PushError naming its cause.
     """
     check_repo_id(repo_id)
-    plan = upload_plan(folder, include_checkpoints=include_checkpoints)
-    if dry_run:
-        return plan, None
-
     import huggingface_hub
     from huggingface_hub import CommitOperationAdd, HfApi
 
@@ -186,20 +184,18 @@ def push_folder(
             "nothing was uploaded"
         )
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=token)
-    card = card_for_upload(folder, repo_id)
+    contents = contents or {}
     operations = [
-        CommitOperationAdd(
-            path_in_repo=u.path_in_repo,
-            path_or_fileobj=card if u.path_in_repo == CARD_FILE and card is not None else str(u.local),
-        )
-        for u in plan
+        CommitOperationAdd(path_in_repo=u.path_in_repo, path_or_fileobj=contents.get(u.path_in_repo, str(u.local)))
+        for u in uploads
     ]
-    message = commit_message or f"Upload {Path(folder).name} from instruct-tune"
     try:
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
         if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.create_commit(repo_id, operations=operations, commit_message=message, revision=revision)
+            api.create_branch(repo_id, repo_type=repo_type, branch=revision, exist_ok=True)
+        info = api.create_commit(
+            repo_id, repo_type=repo_type, operations=operations, commit_message=commit_message, revision=revision
+        )
     except Exception as error:  # the Hub client raises HTTP, connection and validation errors alike
         status = _http_status(error)
         if status in (401, 403):
@@ -218,6 +214,37 @@ def push_folder(
         if isinstance(error, (OSError, ConnectionError)) or "connect" in type(error).__name__.lower():
             raise PushError(f"cannot reach {api.endpoint}: {type(error).__name__} (offline?)") from None
         raise
-    record = {"repo_id": repo_id, "revision": revision, "commit_url": str(info.commit_url)}
+    return str(info.commit_url)
+
+
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    include_checkpoints: bool = False,
+    dry_run: bool = False,
+) -> tuple[list[Upload], str | None]:
+    """Upload the run folder's plan to `repo_id` in one commit (`push_files`); returns the plan and the commit
+    URL.
+
+    With `dry_run` nothing is contacted and the URL is None. Local files are only read.
+    """
+    check_repo_id(repo_id)
+    plan = upload_plan(folder, include_checkpoints=include_checkpoints)
+    if dry_run:
+        return plan, None
+    card = card_for_upload(folder, repo_id)
+    url = push_files(
+        plan,
+        repo_id,
+        private=private,
+        revision=revision,
+        commit_message=commit_message or f"Upload {Path(folder).name} from instruct-tune",
+        contents={CARD_FILE: card} if card is not None else None,
+    )
+    record = {"repo_id": repo_id, "revision": revision, "commit_url": url}
     (Path(folder) / HUB_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return plan, str(info.commit_url)
+    return plan, url

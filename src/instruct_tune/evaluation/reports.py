@@ -77,6 +77,21 @@ def _deprecated_headline(per_policy: Mapping[str, Mapping[str, float]], first: s
     return out
 
 
+# What each policy's training cost, read from its run folder's metrics.json (`training_cost`): the stage's
+# training wall time, the completions it sampled (PPO's `episodes`, GRPO/RLOO's `train_episodes`; none for DPO,
+# which samples nothing) and the training process's peak resident memory.
+COSTS = (("train_runtime", "train s", 0), ("train_episodes", "episodes", 0), ("peak_rss_mib", "peak RSS MiB", 0))
+
+
+def training_cost(folder: str | Path) -> dict[str, float]:
+    """`train_runtime`, `train_episodes` and `peak_rss_mib` of a policy run folder, those it recorded."""
+    path = Path(folder) / "metrics.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if "train_episodes" not in recorded and "episodes" in recorded:  # PPO logs its episode count as `episodes`
+        recorded["train_episodes"] = recorded["episodes"]
+    return {key: float(recorded[key]) for key, _, _ in COSTS if isinstance(recorded.get(key), int | float)}
+
+
 def _cell(value: float | None, digits: int = 3) -> str:
     return "–" if value is None or value != value else f"{value:.{digits}f}"
 
@@ -95,6 +110,9 @@ def results_table(
     for label in extra_labels:
         columns += [f"mean {label}", f"win rate vs SFT ({label})"]
     columns += ["KL to SFT", "length", "EOS share", "perplexity"]
+    costs = not prefix and any(key in m for m in per_policy.values() for key, _, _ in COSTS)
+    if costs:  # the training cost, once (beside the sampled figures)
+        columns += [label for _, label, _ in COSTS]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for name, m in per_policy.items():
         row = [name, _cell(m.get(f"{prefix}mean_reward")), _cell(m.get(f"{prefix}win_rate_vs_sft_rm"))]
@@ -113,6 +131,8 @@ def results_table(
             _cell(m.get(f"{prefix}eos_share")),
             _cell(m.get("perplexity"), 2),
         ]
+        if costs:
+            row += [_cell(m.get(key), digits) for key, _, digits in COSTS]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -163,6 +183,11 @@ def results_markdown(
             else "not measured (no `ptx_eval_dataset`)."
         ),
     ]
+    if any(key in m for m in per_policy.values() for key, _, _ in COSTS):
+        notes.append(
+            "Train s, episodes, peak RSS: from each policy's run folder (`metrics.json`): the training stage's "
+            "wall time, the completions it sampled (none for SFT and DPO) and its process's peak resident memory."
+        )
     parts += ["", *notes]
     if plots:
         parts += ["", "## Plots", "", *[f"![{Path(p).stem}]({p})" for p in plots]]

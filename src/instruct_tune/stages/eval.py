@@ -73,6 +73,7 @@ from instruct_tune.evaluation.reports import (
     card_section,
     metrics_for,
     results_markdown,
+    training_cost,
     write_samples,
 )
 from instruct_tune.models import load_model, load_tokenizer
@@ -201,6 +202,7 @@ def run_eval(args: EvalStageConfig) -> Path:
             values.update({f"{prefix}{k}": v for k, v in figures.items()})
         if name in ppl:
             values["perplexity"] = ppl[name]
+        values.update(training_cost(folders[name]))  # the stage that trained it (SFT's own for sft)
         per_policy[name] = values
 
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from a checkpoint, train, write the run folder."""
 from __future__ import annotations
 
 import logging
+import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ def start_trl_stage(
     follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     source = model_args.model_name_or_path
-    if training_args.max_length is not None:
+    # GRPO/RLOO configs have no `max_length` (their budget is max_completion_length, checked by the stage).
+    if getattr(training_args, "max_length", None) is not None:
         context = model_context(source, trust_remote_code=training_args.trust_remote_code)
         fit_max_length(stage, training_args, context, source)
     return StageStart(push_to, tokenizer, source)
@@ -137,6 +139,11 @@ def run_training(trainer: Trainer, run_folder: RunFolder | None = None) -> dict[
     return whole_run_metrics(metrics, trainer.state.log_history, resumed=resume is not None)
 
 
+def peak_rss_mib() -> float:
+    """The peak resident memory of this process so far, in MiB (Linux reports `ru_maxrss` in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
 def write_run_folder(
     output_dir: str | Path,
     *,
@@ -150,9 +157,11 @@ def write_run_folder(
 ) -> Path:
     """Write `config.yaml`, the model card and `metrics.json` beside a saved model; drop pickled files.
 
-    `metrics.json` comes last (atomically): make reads it as the sign of a finished SFT or PPO folder.
+    `metrics.json` comes last (atomically): make reads it as the sign of a finished SFT or PPO folder. It
+    records the process's peak resident memory (`peak_rss_mib`), so methods compare at what memory cost.
     """
     output_dir = Path(output_dir)
+    metrics = dict(metrics) | {"peak_rss_mib": peak_rss_mib()}
     remove_pickled_files(output_dir)
     save_config(output_dir, *configs)
     write_model_card(
@@ -180,11 +189,13 @@ def finish_run(
     datasets: Sequence[str],
     metrics: Mapping[str, Any],
     eval_data: str | None = None,
+    lineage: Mapping[str, str] | None = None,
 ) -> Path:
     """Save model/adapter, tokenizer, `config.yaml`, `metrics.json`, `trainer_state.json` and the model card.
 
     `source` is the model the stage started from: the card names its root checkpoint as `base_model` and,
-    when it is an earlier stage's adapter folder, records it as the lineage.
+    when it is an earlier stage's adapter folder, records it as the lineage. `lineage`: the other run folders
+    the stage read (e.g. {"SFT policy": ..., "reward model": ...}), recorded on the card after it.
     """
     output_dir = Path(trainer.args.output_dir)
     with disk_full_named(output_dir):
@@ -201,7 +212,7 @@ def finish_run(
             base_model=root,
             datasets=datasets,
             metrics=metrics,
-            lineage={"initialised from": source} if adapters else {},
+            lineage=({"initialised from": source} if adapters else {}) | dict(lineage or {}),
             eval_data=eval_data,
         )
 
