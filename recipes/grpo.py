@@ -1,0 +1,26 @@
+"""GRPO against the reward model from the SFT policy, on TRL's GRPOTrainer (an alternative to PPO; `reward: tiny_gold`
+trains on the tiny task's gold judge instead, a verifiable reward).
+
+    accelerate launch recipes/grpo.py --config recipes/configs/tiny/grpo.yaml
+    accelerate launch recipes/grpo.py --config recipes/configs/tiny/grpo.yaml --reward tiny_gold --output_dir /tmp/grpo-gold
+    python recipes/grpo.py --config recipes/configs/smollm2/grpo.yaml
+"""
+
+from instruct_tune.config import DataArguments, ModelArguments, parse_args
+from instruct_tune.config.online_rl import GRPOStageConfig
+from instruct_tune.stages.run_folder import RunFolderArguments
+
+
+def main(
+    training_args: GRPOStageConfig,
+    data_args: DataArguments,
+    model_args: ModelArguments,
+    run_options: RunFolderArguments = RunFolderArguments(),  # noqa: B008 (a frozen-in-use default)
+) -> None:
+    from instruct_tune.stages.online_rl import run_grpo
+
+    run_grpo(training_args, data_args, model_args, run_options)
+
+
+if __name__ == "__main__":
+    main(*parse_args(GRPOStageConfig, DataArguments, ModelArguments, RunFolderArguments))
