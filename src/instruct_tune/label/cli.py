@@ -6,6 +6,7 @@
     instruct-tune label serve round1 --port 8765                               # 127.0.0.1 unless --host
     instruct-tune label stats round1
     instruct-tune label export round1 --out rankings.jsonl --demonstrations demos.jsonl [--push-to-hub me/labels]
+    instruct-tune label round --config recipes/configs/tiny/round.yaml --run_dir outputs/tiny   # `make round`
 
 PROJECT is a name, stored as ``labels/<NAME>.sqlite`` under the working directory, or a path to the
 database (``--db`` says it explicitly). The rankings file is read by the reward stage as it is.
@@ -27,7 +28,8 @@ DEFAULT_PORT = 8765
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="instruct-tune label",
-        description="The labelling app: create a project, add labellers, serve it, see stats, export rankings.",
+        description="The labelling app: create a project, add labellers, serve it, see stats, export rankings; "
+        "run a whole round of the feedback loop.",
     )
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -81,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
         "--push-to-hub", metavar="OWNER/NAME", help="also push both as a dataset, in one commit"
     )
     export.add_argument("--private", action="store_true", help="create the Hub dataset private")
+
+    from instruct_tune.label.round import add_arguments as round_arguments
+
+    about = "one round of the feedback loop: sample, label, export, retrain the reward model, PPO, eval both rounds"
+    round_arguments(sub.add_parser("round", help=about, description=f"{about} (instruct_tune.label.round)"))
     return ap
 
 
@@ -182,6 +189,10 @@ def main(argv: Sequence[str]) -> int:
             return _new_project(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "round":
+            from instruct_tune.label.round import run_from_args
+
+            return run_from_args(args)
         from instruct_tune.label.db import add_labeler, open_project
 
         conn = open_project(project_path(args.project, args.db))
