@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from .parsing import Message, RowProblem, as_text, column, type_name
@@ -142,3 +142,8 @@ def check_turns(msgs: list[Message], what: str, *, end: Literal["user", "assista
     if msgs[0]["role"] == "system" and not msgs[0]["content"].strip():
         return msgs[1:]
     return msgs
+
+
+def last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The content of a chat prompt's last user turn ("" without one): what the tiny task's judge parses."""
+    return next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")

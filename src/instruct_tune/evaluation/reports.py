@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from instruct_tune.artifacts import read_metrics
 from instruct_tune.config import EvalStageConfig
 from instruct_tune.evaluation.metrics import (
     GOLD,
@@ -85,8 +86,7 @@ COSTS = (("train_runtime", "train s", 0), ("train_episodes", "episodes", 0), ("p
 
 def training_cost(folder: str | Path) -> dict[str, float]:
     """`train_runtime`, `train_episodes` and `peak_rss_mib` of a policy run folder, those it recorded."""
-    path = Path(folder) / "metrics.json"
-    recorded = json.loads(path.read_text()) if path.is_file() else {}
+    recorded = read_metrics(folder)
     if "train_episodes" not in recorded and "episodes" in recorded:  # PPO logs its episode count as `episodes`
         recorded["train_episodes"] = recorded["episodes"]
     return {key: float(recorded[key]) for key, _, _ in COSTS if isinstance(recorded.get(key), int | float)}

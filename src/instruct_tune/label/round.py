@@ -40,8 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from instruct_tune.config.parsing import read_yaml_config
 from instruct_tune.label.db import ProjectError
 from instruct_tune.label.round_label import (
     command_line,
@@ -49,7 +48,6 @@ from instruct_tune.label.round_label import (
     label,
     label_cmd,
     project_counts,
-    read_yaml,
     run_here,
     run_logged,
     slice_prompts,
@@ -110,7 +108,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """The options: defaults, then the --config file, then the flags given."""
-    file = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    file = read_yaml_config(args.config) if args.config else {}
     unknown = sorted(set(file) - set(OPTIONS))
     if unknown:
         raise ProjectError(f"{args.config}: unknown round options {unknown} (known: {', '.join(OPTIONS)})")
@@ -135,7 +133,7 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
 def stage_commands(o: dict[str, Any], rd: Path) -> dict[str, list[str]]:
     """The round's reward, ppo and eval commands: the Makefile's, with the round's data and folders."""
     launch, conf, sft = shlex.split(o["launch"]), Path(o["config_dir"]), str(Path(o["run_dir"]) / "sft")
-    reward = read_yaml(conf / "reward.yaml")
+    reward = read_yaml_config(conf / "reward.yaml")
     old = reward.get("dataset_mixture") or [
         {"path": reward["dataset_name"], "split": reward.get("dataset_split", "train")}
     ]
@@ -263,7 +261,7 @@ def run_round(o: dict[str, Any]) -> Path:
         elif step in commands:
             run_logged(commands[step], log, step)
         else:
-            max_length = read_yaml(Path(o["config_dir"]) / "reward.yaml").get("max_length")
+            max_length = read_yaml_config(Path(o["config_dir"]) / "reward.yaml").get("max_length")
             state["accuracy"] = {
                 name: reward_accuracy(path, rd / "rankings_heldout.jsonl", max_length)
                 for name, path in (("round1", run / "reward"), ("round2", rd / "reward"))

@@ -20,8 +20,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from instruct_tune.config.parsing import read_yaml_config
 from instruct_tune.label.db import ProjectError
 
 
@@ -37,10 +36,6 @@ def command_line(*head: Any, dashes: bool = False, **flags: Any) -> list[str]:
 
 def label_cmd(*args: Any, **flags: Any) -> list[str]:
     return command_line(sys.executable, "-m", "instruct_tune.cli", "label", *args, dashes=True, **flags)
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def run_logged(cmd: list[str], log: Path, step: str) -> str:
@@ -98,7 +93,7 @@ def fully_labelled(db: Path) -> bool:
 
 def slice_prompts(o: dict[str, Any], out: Path) -> int:
     """Rows first_prompt.. of the prompt file (num_prompts of them), less any in the eval config's prompts."""
-    eval_file = Path(read_yaml(Path(o["config_dir"]) / "eval.yaml").get("dataset_name") or "-")
+    eval_file = Path(read_yaml_config(Path(o["config_dir"]) / "eval.yaml").get("dataset_name") or "-")
     lines = eval_file.read_text().splitlines() if eval_file.is_file() else []
     taken = {repr(json.loads(line).get("prompt")) for line in lines if line.strip()}
     rows = [line for line in Path(o["prompts"]).read_text().splitlines() if line.strip()]

@@ -12,7 +12,7 @@ from torch import nn
 
 from instruct_tune.models.packed_forward import Packing, has_plain_lm_head
 
-__all__ = ["backbone", "last_hidden", "lm_logits"]
+__all__ = ["backbone", "last_hidden", "lm_logits", "mask_positions"]
 
 
 def backbone(model: nn.Module) -> nn.Module:
@@ -27,6 +27,11 @@ def _packing(packed: bool | Packing, attention_mask: torch.Tensor) -> Packing | 
     return Packing.of(attention_mask) if packed else None
 
 
+def mask_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids counted from each row's first real token (left padding), as `generate` numbers them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def last_hidden(
     body: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool | Packing = False
 ) -> torch.Tensor:
@@ -39,7 +44,7 @@ def last_hidden(
         ids, position_ids = packing.pack(input_ids)
         out = body(input_ids=ids, position_ids=position_ids, use_cache=False)
         return packing.gather(out.last_hidden_state)
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention_mask)
     out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return out.last_hidden_state
 
@@ -63,7 +68,7 @@ def lm_logits(
         hidden = backbone(model)(input_ids=ids, position_ids=position_ids, use_cache=False).last_hidden_state
         columns = slice(-response_length - 1, -1) if response_length else slice(None)
         return model.get_output_embeddings()(packing.gather(hidden, columns))
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_ids = mask_positions(attention_mask)
     keep = {"logits_to_keep": response_length + 1} if response_length else {}
     logits = model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **keep

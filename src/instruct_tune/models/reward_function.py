@@ -21,13 +21,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.config.errors import ConfigError
+from instruct_tune.data.messages import last_user_text
 from instruct_tune.data.preference_groups import reward_input_ids
 from instruct_tune.models.reward import RewardModel, load_reward_model
 from instruct_tune.models.reward_normalization import RewardNormalization
 from instruct_tune.models.sampling import encode_prompts, first_eos_mask
 from instruct_tune.ppo.core import penalize_missing_eos
 
-__all__ = ["GoldJudgeFunction", "RewardModelFunction", "completion_texts", "last_user_text"]
+__all__ = ["GoldJudgeFunction", "RewardModelFunction", "completion_texts"]
 
 Chat = Sequence[Mapping[str, Any]]
 
@@ -45,11 +46,6 @@ def _chats(prompts: Sequence[Any]) -> list[Chat]:
 def completion_texts(completions: Sequence[Any]) -> list[str]:
     """The text of each completion: TRL passes `[{"role": "assistant", "content": ...}]` for chat prompts."""
     return [c if isinstance(c, str) else "".join(m["content"] for m in c) for c in completions]
-
-
-def last_user_text(prompt: Chat) -> str:
-    """Content of the prompt's last user turn (what the tiny task's judge parses, as eval's `Prompt.text`)."""
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
 
 
 def _cut_after_eos(ids: Sequence[Sequence[int]], eos_token_id: int) -> tuple[list[list[int]], list[bool]]:

@@ -36,10 +36,11 @@ from instruct_tune.config.errors import ConfigError
 from instruct_tune.data.dpo_pairs import dpo_rows
 from instruct_tune.data.preference_groups import group_comparisons
 from instruct_tune.models import load_model, lora_config
-from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
+from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
 from instruct_tune.stages.guards import NonFiniteGuard, check_loaded_weights, check_metrics, check_weights
+from instruct_tune.stages.lengths import length_losses
 from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
-from instruct_tune.stages.runner import end_run, finish_run, run_training, start_trl_stage
+from instruct_tune.stages.runner import end_run, finish_run, per_task_eval, run_training, start_trl_stage
 
 logger = logging.getLogger(__name__)
 
@@ -123,51 +124,11 @@ def pair_losses(trainer: DPOTrainer, pairs_in: Mapping[str, int], max_dropped_sh
                 lengths["prompt_ids"], lengths["chosen_ids"], lengths["rejected_ids"], strict=True
             )
         )
-        dropped = given - len(dataset)
-        counts |= {
-            f"{split}_pairs": given,
-            f"{split}_pairs_dropped": dropped,
-            f"{split}_pairs_truncated": cut,
-        }
-        if not dropped and not cut:
-            continue
-        what = (
-            f"max_length {max_length} drops {dropped} of {given} {split} pairs (the prompt alone fills it) and "
-            f"cuts {cut} (a response truncated, EOS lost)"
-        )
-        share = (dropped + cut) / max(given, 1)
-        if dropped >= given or share > max_dropped_share:
-            why = (
-                "no pair is left"
-                if dropped >= given
-                else f"{share:.0%} > max_dropped_share {max_dropped_share:g}"
-            )
-            raise ConfigError(
-                f"dpo: {what}: {why}. Raise max_length (up to the model's context), shorten or filter the data "
-                "(`instruct-tune data check`), or raise max_dropped_share"
-            )
-        logger.warning("dpo: %s (%.1f%% of the pairs; counted in metrics.json)", what, 100 * share)
+        counts |= length_losses(
+            "dpo", split, given, given - len(dataset), cut, max_length, max_dropped_share,
+            unit="pairs", cut_means="a response truncated",
+        )  # fmt: skip
     return counts
-
-
-def per_task_eval(trainer: DPOTrainer, eval_set: Dataset) -> dict[str, float]:
-    """Eval figures of each task tag (`eval_<task>_loss`, `eval_<task>_rewards/accuracies`, ...).
-
-    TRL adds its own figures (`rewards/*`, `logps/*`) under a fixed `eval_` prefix whatever the evaluation's
-    prefix; they are renamed here so that they do not overwrite the whole eval set's.
-    """
-    tasks = task_tags(eval_set["task"]) if "task" in eval_set.column_names else []
-    metrics: dict[str, float] = {}
-    for task in tasks:
-        prefix = f"eval_{task}"
-        subset = eval_set.filter(lambda row, t=task: row["task"] == t)
-        found = trainer.evaluate(eval_dataset=subset, metric_key_prefix=prefix)
-        for key, value in found.items():
-            if key.startswith(f"{prefix}_"):
-                metrics[key] = value
-            elif key.startswith("eval_"):
-                metrics[f"{prefix}_{key.removeprefix('eval_')}"] = value
-    return metrics
 
 
 def run_dpo(

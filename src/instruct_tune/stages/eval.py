@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from instruct_tune.artifacts import CARD_FILE, append_to_card, is_hub_id, write_
 from instruct_tune.checkpoints import write_atomic
 from instruct_tune.config import ConfigError, EvalStageConfig, ModelArguments, save_config
 from instruct_tune.data import load_source
+from instruct_tune.data.messages import last_user_text
 from instruct_tune.data.text_rows import text_token_rows
 from instruct_tune.evaluation.judges import GOLD, Prompt, check_judgeable, chosen_judges
 from instruct_tune.evaluation.metrics import (
@@ -85,12 +86,6 @@ logger = logging.getLogger(__name__)
 
 
 # --- inputs ---------------------------------------------------------------------------------------------
-
-
-def last_user_text(messages: Sequence[Mapping[str, str]]) -> str:
-    """The content of the last user turn of a chat prompt."""
-    users = [m["content"] for m in messages if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def load_prompts(args: EvalStageConfig) -> EvalPrompts:

@@ -103,6 +103,39 @@ def _packed_cut_chats(dataset: Any, max_length: int, strategy: str) -> int:
     return sum(n >= max_length for lengths in dataset["seq_lengths"] for n in lengths)
 
 
+def length_losses(
+    stage: str,
+    split: str,
+    given: int,
+    dropped: int,
+    cut: int,
+    max_length: int,
+    max_dropped_share: float,
+    *,
+    unit: str = "rows",
+    cut_means: str,
+) -> dict[str, int]:
+    """The counts of one split's `unit` that `max_length` dropped (the prompt alone fills it) or cut
+    (`cut_means`, EOS lost): `<split>_<unit>`, `_dropped`, `_truncated`. Nothing left, or a share above
+    `max_dropped_share`, is refused naming the stage and the figures; any other loss is logged."""
+    counts = {f"{split}_{unit}": given, f"{split}_{unit}_dropped": dropped, f"{split}_{unit}_truncated": cut}
+    if not dropped and not cut:
+        return counts
+    what = (
+        f"max_length {max_length} drops {dropped} of {given} {split} {unit} (the prompt alone fills it) and "
+        f"cuts {cut} ({cut_means}, EOS lost)"
+    )
+    share = (dropped + cut) / max(given, 1)
+    if dropped >= given or share > max_dropped_share:
+        why = f"no {unit[:-1]} is left" if dropped >= given else f"{share:.0%} > max_dropped_share {max_dropped_share:g}"
+        raise ConfigError(
+            f"{stage}: {what}: {why}. Raise max_length (up to the model's context), shorten or filter the data "
+            "(`instruct-tune data check`), or raise max_dropped_share"
+        )
+    logger.warning("%s: %s (%.1f%% of the %s; counted in metrics.json)", stage, what, 100 * share, unit)
+    return counts
+
+
 def sft_row_losses(trainer: Any, rows_in: Mapping[str, int], max_dropped_share: float) -> dict[str, int]:
     """Count the SFT rows `max_length` dropped or cut, per split; refuse a share above `max_dropped_share`.
 
@@ -121,27 +154,9 @@ def sft_row_losses(trainer: Any, rows_in: Mapping[str, int], max_dropped_share: 
             dropped, cut = 0, _packed_cut_chats(dataset, max_length, args.packing_strategy)
         else:
             dropped, cut = given - len(dataset), _cut_rows(trainer, dataset, max_length)
-        counts.update(
-            {f"{split}_rows": given, f"{split}_rows_dropped": dropped, f"{split}_rows_truncated": cut}
+        counts |= length_losses(
+            "sft", split, given, dropped, cut, max_length, max_dropped_share, cut_means="completion truncated"
         )
-        if not dropped and not cut:
-            continue
-        what = (
-            f"max_length {max_length} drops {dropped} of {given} {split} rows (the prompt alone fills it) and "
-            f"cuts {cut} (completion truncated, EOS lost)"
-        )
-        share = (dropped + cut) / max(given, 1)
-        if dropped >= given or share > max_dropped_share:
-            why = (
-                "no row is left"
-                if dropped >= given
-                else f"{share:.0%} > max_dropped_share {max_dropped_share:g}"
-            )
-            raise ConfigError(
-                f"sft: {what}: {why}. Raise max_length (up to the model's context), shorten or filter the data "
-                "(`instruct-tune data check`), or raise max_dropped_share"
-            )
-        logger.warning("sft: %s (%.1f%% of the rows; counted in metrics.json)", what, 100 * share)
     return counts
 
 

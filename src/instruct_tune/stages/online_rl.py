@@ -28,6 +28,7 @@ from instruct_tune.config.arguments import DataArguments, ModelArguments
 from instruct_tune.config.errors import ConfigError
 from instruct_tune.config.online_rl import REWARD_MODEL, TINY_GOLD, GRPOStageConfig, RLOOStageConfig
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
+from instruct_tune.models.forward import mask_positions
 from instruct_tune.models.reward_function import GoldJudgeFunction, RewardModelFunction
 from instruct_tune.models.sampling import context_length, encode_prompts
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
@@ -155,7 +156,7 @@ def positions_from_mask(model: Any) -> None:
         mask = kwargs.get("attention_mask")
         fresh = kwargs.get("position_ids") is None and kwargs.get("past_key_values") is None
         if fresh and not args and isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = mask_positions(mask)
         return inner(*args, **kwargs)
 
     target.forward = forward

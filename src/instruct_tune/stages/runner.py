@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from instruct_tune.artifacts import remove_pickled_files, write_metrics, write_model_card
@@ -34,6 +35,7 @@ from instruct_tune.hub import PushError, check_repo_id, push_folder
 from instruct_tune.models import load_tokenizer
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
+from instruct_tune.stages.data_sources import task_tags
 from instruct_tune.stages.lengths import fit_max_length, model_context
 from instruct_tune.stages.run_folder import RunFolder
 from instruct_tune.stages.run_lock import release_lock
@@ -142,6 +144,27 @@ def run_training(trainer: Trainer, run_folder: RunFolder | None = None) -> dict[
 def peak_rss_mib() -> float:
     """The peak resident memory of this process so far, in MiB (Linux reports `ru_maxrss` in KiB)."""
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def per_task_eval(trainer: Trainer, eval_set: Dataset) -> dict[str, float]:
+    """Eval figures of each task tag of the eval set (`eval_<task>_loss`, DPO's `eval_<task>_rewards/...`), so
+    that a regression in one task is not averaged away.
+
+    TRL's DPO adds its own figures (`rewards/*`, `logps/*`) under a fixed `eval_` prefix whatever the
+    evaluation's prefix; they are renamed here so that they do not overwrite the whole eval set's.
+    """
+    tasks = task_tags(eval_set["task"]) if "task" in eval_set.column_names else []
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        prefix = f"eval_{task}"
+        subset = eval_set.filter(lambda row, t=task: row["task"] == t)
+        found = trainer.evaluate(eval_dataset=subset, metric_key_prefix=prefix)
+        for key, value in found.items():
+            if key.startswith(f"{prefix}_"):
+                metrics[key] = value
+            elif key.startswith("eval_"):
+                metrics[f"{prefix}_{key.removeprefix('eval_')}"] = value
+    return metrics
 
 
 def write_run_folder(

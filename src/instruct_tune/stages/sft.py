@@ -22,11 +22,11 @@ from instruct_tune.config import DataArguments, ModelArguments, SFTStageConfig
 from instruct_tune.data.row_packing import REAL_TOKENS, RowPackedCollator
 from instruct_tune.models import load_model
 from instruct_tune.models.lm_head import select_lm_head
-from instruct_tune.stages.data_sources import data_sources, eval_set_description, task_tags, train_eval_sets
+from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
 from instruct_tune.stages.guards import NonFiniteGuard, check_loaded_weights, check_metrics, check_weights
 from instruct_tune.stages.lengths import sft_row_losses
 from instruct_tune.stages.run_folder import RunFolderArguments, open_run_folder
-from instruct_tune.stages.runner import end_run, finish_run, run_training, start_trl_stage
+from instruct_tune.stages.runner import end_run, finish_run, per_task_eval, run_training, start_trl_stage
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,6 @@ def sft_datasets(
         train = train.map(**split, num_proc=num_proc)
         eval_set = eval_set.map(**split) if eval_set is not None else None
     return train, eval_set
-
-
-def per_task_eval(trainer: SFTTrainer, eval_set: Dataset) -> dict[str, float]:
-    """Eval loss of each task tag (`eval_<task>_loss`), so a regression in one task is not averaged away."""
-    tasks = task_tags(eval_set["task"]) if "task" in eval_set.column_names else []
-    metrics: dict[str, float] = {}
-    for task in tasks:
-        subset = eval_set.filter(lambda row, t=task: row["task"] == t)
-        metrics.update(trainer.evaluate(eval_dataset=subset, metric_key_prefix=f"eval_{task}"))
-    return metrics
 
 
 def run_sft(
