@@ -115,14 +115,19 @@ browser:
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay together in one process, each on
+# one torch thread): 2 fits the 2-core CI machine. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
-# made on first use), then the machine's matmul peak and our SFT's share of it, then PPO again at ~100M parameters
+# made on first use), TRL's GRPO and RLOO (our stages) against our PPO at equal settings, then the machine's
+# matmul peak and our SFT's share of it, then PPO again at ~100M parameters
 # (ours and trl 1.12, one repeat: bench/results/ppo_large.json). Run on a quiet machine.
 bench: install tiny
-	$(BIN)/python bench/sft.py && $(BIN)/python bench/ppo.py && $(BIN)/python bench/machine.py
+	$(BIN)/python bench/sft.py && $(BIN)/python bench/ppo.py && $(BIN)/python bench/online_rl.py \
+		&& $(BIN)/python bench/machine.py
 	$(BIN)/python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
 
 tiny: install

@@ -288,3 +288,24 @@ def test_reset_accelerate_state_forgets_the_process_state() -> None:
     assert not AcceleratorState._shared_state and not PartialState._shared_state, moved(
         "AcceleratorState._reset_state(reset_partial_state=True)", "accelerate"
     )
+
+
+def test_a_multi_device_process_state_makes_accelerate_choose_fsdp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `compat.fsdp_on_cpu` relies on: the process type kept in `PartialState._shared_state`, read by
+    `AcceleratorState` to choose FSDP (`ACCELERATE_USE_FSDP`) with the plugin it is given."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    compat.reset_accelerate_state()
+    try:
+        PartialState(cpu=True)
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # what fsdp_on_cpu writes
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        state = AcceleratorState(fsdp_plugin=plugin, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True)
+        assert state.distributed_type == DistributedType.FSDP and state.fsdp_plugin is plugin, moved(
+            "PartialState._shared_state['distributed_type'] read by AcceleratorState.__init__", "accelerate"
+        )
+        assert state.device.type == "cpu"
+    finally:
+        compat.reset_accelerate_state()

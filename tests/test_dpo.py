@@ -177,7 +177,7 @@ def test_dpo_trains_and_writes_a_run_folder(
         assert (run_dir / name).is_file(), name
     assert not (run_dir / "ref").exists()  # no second adapter copy: the reference is the adapter disabled
     card = (run_dir / "README.md").read_text()
-    assert f"SFT policy: `{start}`" in card
+    assert f"SFT policy: `{start}`" in card and "initialised from" not in card  # the start named once
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert (metrics["train_pairs"], metrics["eval_pairs"], metrics["train_pairs_dropped"]) == (48, 24, 0)
     for key in ("train_loss", "eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):

@@ -219,6 +219,8 @@ def test_make_round_labels_retrains_and_compares_both_rounds(tiny_model_dir: Pat
     assert len(train) + len(heldout) == len(rankings) and train and heldout
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in heldout}
     assert state["heldout_prompts"] == len({r["prompt_id"] for r in heldout})
+    # round.md quotes the export's summary, not what a library printed on import
+    assert f"Export: {rd / 'rankings.jsonl'}: {len(rankings)} ranking rows from " in report
 
     # the reward stage read the new rankings beside the old comparisons, and says so in its folder
     new = str(rd / "rankings_train.jsonl")

@@ -1,7 +1,8 @@
 """Checkpoints a stage can resume from, files written whole or not at all, and disk-full errors named as such.
 
 A checkpoint is complete when it holds what its stage needs to continue: the Trainer's `trainer_state.json`
-(written last of a Trainer checkpoint) and readable model or adapter weights; our PPO's `ppo_state.json`,
+(written last of a Trainer checkpoint) and readable model or adapter weights (under FSDP with
+SHARDED_STATE_DICT, finished `pytorch_model_fsdp_*` shard folders); our PPO's `ppo_state.json`,
 weights, optimizer and scheduler. PPO writes each checkpoint under a temporary name and renames it when
 whole (`save_state_atomically`), so a kill or a full disk leaves no `checkpoint-*` missing a file.
 """
@@ -91,6 +92,12 @@ def _weights_problem(folder: Path) -> str | None:
                 return f"shard {missing[0]} of {index.name} is missing"
             files |= {folder / s for s in shards}
     if not files:
+        # FSDP's SHARDED_STATE_DICT: each model's shards in a torch.distributed.checkpoint folder, whose
+        # `.metadata` is written last, once every rank's shard is.
+        sharded = sorted(p for p in folder.glob("pytorch_model_fsdp_*") if p.is_dir())
+        unfinished = [p.name for p in sharded if not (p / ".metadata").is_file()]
+        if sharded:
+            return f"{unfinished[0]} has no .metadata" if unfinished else None
         return "no model or adapter weights"
     for path in sorted(files):
         problem = _safetensors_problem(path) if path.suffix == ".safetensors" else None

@@ -207,3 +207,31 @@ def reset_accelerate_state() -> None:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def fsdp_on_cpu(args: Any) -> bool:
+    """Let an FSDP launch shard the model over CPU processes (gloo), as it does over GPUs; returns whether it
+    had to (`recipes/accelerate/fsdp_cpu.yaml`).
+
+    accelerate 1.15 `AcceleratorState.__init__` makes a run FSDP (`ACCELERATE_USE_FSDP`, which `accelerate
+    launch` sets from an FSDP config) only when the process type is a multi-device one (MULTI_GPU, MULTI_XPU,
+    ...): CPU processes (`use_cpu`, type MULTI_CPU) silently stay DDP, though FSDP2's `fully_shard` runs on CPU
+    over gloo. No public option says otherwise. Called after `args` (the Trainer's `TrainingArguments`) set the
+    process state up (gloo, CPU device) and before the Trainer builds its `Accelerator`, this marks that state
+    (`PartialState._shared_state["distributed_type"]`) multi-device: the Accelerator then takes the FSDP branch
+    with the launcher's plugin, as on GPUs, and records FSDP as the process type; device and backend stay CPU
+    and gloo.
+    """
+    import os
+
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    args.device  # noqa: B018 (sets the process state up now, as the Trainer would: it is read below)
+    state = PartialState._shared_state
+    if state.get("distributed_type") != DistributedType.MULTI_CPU or AcceleratorState._shared_state:
+        return False  # not CPU processes, or an Accelerator already chose
+    state["distributed_type"] = DistributedType.MULTI_GPU
+    return True

@@ -251,9 +251,10 @@ def run_round(o: dict[str, Any]) -> Path:
         elif step == "label":
             label(o, rd, db)
         elif step == "export":
-            state["export"] = run_logged(
-                label_cmd("export", db, out=rd / "rankings.jsonl"), log, step
-            ).strip()
+            out = run_logged(label_cmd("export", db, out=rd / "rankings.jsonl"), log, step)
+            # the export's summary line, not what libraries print on import (bitsandbytes' kernel notice)
+            summary = [line for line in out.splitlines() if line.startswith(str(rd / "rankings.jsonl"))]
+            state["export"] = summary[-1] if summary else out.strip()
             files = [rd / f"rankings{part}.jsonl" for part in ("", "_train", "_heldout")]
             state["train_prompts"], state["heldout_prompts"] = split_rankings(
                 *files, o["heldout_fraction"], seed

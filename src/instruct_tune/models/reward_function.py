@@ -25,8 +25,7 @@ from instruct_tune.data.messages import last_user_text
 from instruct_tune.data.preference_groups import reward_input_ids
 from instruct_tune.models.reward import RewardModel, load_reward_model
 from instruct_tune.models.reward_normalization import RewardNormalization
-from instruct_tune.models.sampling import encode_prompts, first_eos_mask
-from instruct_tune.ppo.core import penalize_missing_eos
+from instruct_tune.models.sampling import encode_prompts, first_eos_mask, penalize_missing_eos
 
 __all__ = ["GoldJudgeFunction", "RewardModelFunction", "completion_texts"]
 

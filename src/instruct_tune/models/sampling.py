@@ -227,3 +227,10 @@ def sample_texts(
         texts.extend(decode_responses(tokenizer, rollout))
         ended.extend(rollout.has_eos.tolist())
     return texts, ended
+
+
+def penalize_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """Subtract `penalty` from the score of every response that did not end with EOS."""
+    if not penalty:
+        return scores
+    return torch.where(has_eos, scores, scores - penalty)

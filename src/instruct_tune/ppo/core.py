@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from instruct_tune.models.sampling import first_eos_mask, truncate_after_eos
+from instruct_tune.models.sampling import first_eos_mask, penalize_missing_eos, truncate_after_eos
 
 __all__ = [
     "AdaptiveKLController",
@@ -59,13 +59,6 @@ def masked_whiten(
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask.to(values.dtype)
-
-
-def penalize_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """Subtract `penalty` from the score of every response that did not end with EOS."""
-    if not penalty:
-        return scores
-    return torch.where(has_eos, scores, scores - penalty)
 
 
 def logprobs_from_logits(

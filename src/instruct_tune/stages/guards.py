@@ -5,7 +5,8 @@ folder of a model whose every weight is NaN. Here, in the style of the PPO stage
 
 - `NonFiniteGuard` (a Trainer mixin): the raw loss of every training step, and the logged `grad_norm`
   (except under fp16, whose loss scaler skips overflowing steps by design) and losses (eval included);
-- `check_weights`: every floating weight, on loading (a damaged checkpoint) and after training;
+- `check_weights`: every floating weight, on loading (a damaged checkpoint) and after training; under FSDP each
+  process checks the shard it holds (a failing rank ends the launch: torchrun stops the others);
 - `check_metrics`: every figure about to go into metrics.json (eval losses, normalisation bias and std).
 
 Each raises `NonFiniteError` naming the stage, the step and the quantity.
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from instruct_tune.ppo.trainer import NonFiniteError
 
@@ -68,9 +70,16 @@ class NonFiniteGuard:
 
 
 def check_weights(model: nn.Module, stage: str, when: str, hint: str = _HINT) -> None:
-    """Refuse a model with a NaN/inf floating weight, naming the first such tensor."""
+    """Refuse a model with a NaN/inf floating weight, naming the first such tensor.
+
+    A weight sharded by FSDP (a `DTensor`) is checked in the shard this process holds, without a collective;
+    weights on the meta device (FSDP's `cpu_ram_efficient_loading` loads them on rank 0 only) are rank 0's to check.
+    """
     for name, param in model.named_parameters():
-        if param.is_floating_point() and param.numel() and not bool(torch.isfinite(param.detach()).all()):
+        values = param.to_local() if isinstance(param, DTensor) else param
+        if values.is_meta or not values.is_floating_point() or not values.numel():
+            continue
+        if not bool(torch.isfinite(values.detach()).all()):
             raise NonFiniteError(f"{stage} {when}: weight {name} holds NaN/inf. {hint}")
 
 

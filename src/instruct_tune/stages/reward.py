@@ -265,7 +265,9 @@ def run_reward(
     rm = RewardModel(trainer.accelerator.unwrap_model(trainer.model), tokenizer)
     calibration: list[dict[str, float]] = []
     normalization: RewardNormalization | None = None
-    if trainer.is_world_process_zero():
+    # Under FSDP each forward gathers the sharded weights from every rank: every rank scores the same responses
+    # (the main process's figures are written). Otherwise the main process scores alone.
+    if trainer.is_world_process_zero() or trainer.is_fsdp_enabled:
         if trainer.eval_dataset is not None:
             diffs, tasks = pair_differences(
                 rm, trainer.eval_dataset, training_args.per_device_eval_batch_size

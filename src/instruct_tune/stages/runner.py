@@ -4,6 +4,7 @@ from a checkpoint, train, write the run folder."""
 from __future__ import annotations
 
 import logging
+import os
 import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from instruct_tune.checkpoints import (
     disk_full_named,
     trainer_checkpoint_problem,
 )
+from instruct_tune.compat import fsdp_on_cpu
 from instruct_tune.config import (
     ConfigError,
     ModelArguments,
@@ -74,6 +76,18 @@ def begin_stage(args: StageArguments) -> str | None:
     return push_to
 
 
+def check_process_group(args: TrainingArguments) -> None:
+    """Refuse a launch of several processes in which this one would train alone: without a GPU, `accelerate
+    launch --multi_gpu` or an FSDP config starts them, but each trains the whole model unless the stage is
+    told to use the CPU (`--use_cpu true`), and all of them write the same run folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > args.world_size:
+        raise ConfigError(
+            f"{launched} processes were launched but each would train alone (this one sees {args.world_size}): "
+            "on CPU, add `--use_cpu true` to the stage's flags"
+        )
+
+
 @dataclass(frozen=True)
 class StageStart:
     """What `start_trl_stage` gives a TRL stage: the push request, the tokenizer and the model it starts from
@@ -90,6 +104,9 @@ def start_trl_stage(
     """Begin a TRL stage (SFT, reward): `begin_stage`, the model's dropout for TRL's (`follow_model_dropout`),
     the tokenizer, and `max_length` checked against the model's context."""
     push_to = begin_stage(training_args)
+    if fsdp_on_cpu(training_args):  # `accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml`
+        logger.info("FSDP over CPU processes (gloo)")
+    check_process_group(training_args)
     follow_model_dropout(training_args, model_args)  # every TRL stage: the loader's and TRL's dropout agree
     tokenizer = load_tokenizer(model_args, trust_remote_code=training_args.trust_remote_code)
     source = model_args.model_name_or_path
@@ -203,6 +220,30 @@ def write_run_folder(
     return output_dir
 
 
+def save_trained_model(trainer: Trainer, output_dir: Path) -> None:
+    """Save the model or adapter and the tokenizer as one process does, however many processes trained it.
+
+    Under FSDP each rank holds a shard: every rank takes part in gathering the full state dict
+    (`accelerator.get_state_dict`, collective) and the main process writes it with `save_pretrained`, so the run
+    folder holds `model.safetensors` (or the adapter) whatever the FSDP `state_dict_type`: with
+    SHARDED_STATE_DICT (the type for large models' checkpoints) `Trainer.save_model` writes no weights at all.
+    """
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(output_dir))
+        return
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # Gathered, tied weights (GPT-2's lm_head and wte) are two copies: one tensor again, `save_pretrained`
+        # keeps one of them, as it does in one process.
+        for target, source in getattr(model, "all_tied_weights_keys", {}).items():
+            if target in state_dict and source in state_dict:
+                state_dict[target] = state_dict[source]
+        model.save_pretrained(output_dir, state_dict=state_dict)
+        if trainer.processing_class is not None:
+            trainer.processing_class.save_pretrained(output_dir)
+
+
 def finish_run(
     trainer: Trainer,
     *,
@@ -222,12 +263,14 @@ def finish_run(
     """
     output_dir = Path(trainer.args.output_dir)
     with disk_full_named(output_dir):
-        trainer.save_model(str(output_dir))
+        save_trained_model(trainer, output_dir)
         if not trainer.is_world_process_zero():
             return output_dir
         record_adapter_base(output_dir, source)  # the adapter was trained on `source` (merged), not on its root
         trainer.state.save_to_json(str(output_dir / "trainer_state.json"))
         root, adapters = adapter_chain(source)
+        named = dict(lineage or {})
+        started = {"initialised from": source} if adapters and source not in named.values() else {}
         return write_run_folder(
             output_dir,
             stage=stage,
@@ -235,7 +278,7 @@ def finish_run(
             base_model=root,
             datasets=datasets,
             metrics=metrics,
-            lineage=({"initialised from": source} if adapters else {}) | dict(lineage or {}),
+            lineage=started | named,  # the start once: DPO's source is also its "SFT policy"
             eval_data=eval_data,
         )
 
