@@ -142,6 +142,15 @@ def causal_logits(folder: Path) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
+def assert_trained_policy_like_one_process(fsdp_dir: Path, single_dir: Path, use_peft: bool, start: Path) -> None:
+    """A causal-LM stage's FSDP folder: the single-process run's layout and losses, and it loads in one process
+    with finite logits that differ from the start's (the trained weights were saved)."""
+    assert_same_run(fsdp_dir, single_dir, "adapter_model.safetensors" if use_peft else "model.safetensors")
+    logits = causal_logits(fsdp_dir)
+    assert torch.isfinite(logits).all()
+    assert not torch.allclose(logits, causal_logits(start))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
 def test_sft_under_fsdp2(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, use_peft: bool) -> None:
@@ -160,10 +169,7 @@ def test_sft_under_fsdp2(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Pa
     launch_fsdp("recipes/sft.py", config, fsdp_dir)
     run_sft(*single_process((SFTStageConfig, DataArguments, ModelArguments), config, single_dir))
 
-    assert_same_run(fsdp_dir, single_dir, "adapter_model.safetensors" if use_peft else "model.safetensors")
-    logits = causal_logits(fsdp_dir)
-    assert torch.isfinite(logits).all()
-    assert not torch.allclose(logits, causal_logits(tiny_model_dir))  # the trained weights were saved
+    assert_trained_policy_like_one_process(fsdp_dir, single_dir, use_peft, tiny_model_dir)
 
 
 @pytest.mark.slow
@@ -243,7 +249,4 @@ def test_dpo_under_fsdp2(tiny_model_dir: Path, rankings, tmp_path: Path, use_pef
     launch_fsdp("recipes/dpo.py", config, fsdp_dir)
     run_dpo(*single_process((DPOStageConfig, DataArguments, ModelArguments), config, single_dir))
 
-    assert_same_run(fsdp_dir, single_dir, "adapter_model.safetensors" if use_peft else "model.safetensors")
-    logits = causal_logits(fsdp_dir)
-    assert torch.isfinite(logits).all()
-    assert not torch.allclose(logits, causal_logits(tiny_model_dir))
+    assert_trained_policy_like_one_process(fsdp_dir, single_dir, use_peft, tiny_model_dir)
