@@ -1,8 +1,11 @@
 """Small helpers shared by the test modules: the repository's paths, cut-down copies of the tiny task's files,
-random models, and a config file read back against its resolved values."""
+random models, a config file read back against its resolved values, and multi-process launches."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +14,43 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = REPO / "data" / "tiny"
 CLI = [sys.executable, "-m", "instruct_tune.cli"]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "OMP_NUM_THREADS": "1",
+}
+DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+DDP_CPU += ["--dynamo_backend", "no"]
+
+
+def accelerate_launch(launch_options: list[str], recipe: str, args: list[str], *, timeout: int = 540) -> str:
+    """`accelerate launch <launch_options> <recipe> <args>` from the repository, offline; returns its stdout and
+    stderr. Fails the test on a non-zero exit or when still running at `timeout` seconds (a hung collective): the
+    launcher and its workers, one process group, are then killed and their output so far shown.
+
+    Test files run in parallel (pytest-xdist): `--main_process_port 0` gives each launch a free port of its own,
+    where launches on accelerate's default 29500 race for it."""
+    command = [str(ACCELERATE), "launch", *launch_options, "--main_process_port", "0", recipe, *args]
+    env = {**os.environ, **OFFLINE_ENV}
+    with subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"launch of {recipe} still running after {timeout} s:\n{out[-2000:]}{err[-4000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    return out + err
 
 
 def head_of(src: Path, dst: Path, n: int, *, last: bool = False) -> Path:

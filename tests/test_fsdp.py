@@ -11,17 +11,13 @@ Each test trains a few steps under FSDP2 and the same config in one process, the
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_DATA, head_of
+from helpers import REPO, TINY_DATA, accelerate_launch, head_of
 from safetensors import safe_open
 
 from instruct_tune.config import DataArguments, ModelArguments, RewardStageConfig, SFTStageConfig, parse_args
@@ -79,31 +75,14 @@ def write_config(path: Path, values: dict) -> Path:
 
 def launch_fsdp(recipe: str, config: Path, output_dir: Path, *launch_options: str) -> str:
     """`accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml` of `recipe`, returning its output;
-    fails on an error or a hang (the launcher and its workers, one process group, are killed at
-    `LAUNCH_TIMEOUT`)."""
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--config_file", str(FSDP_CPU), *launch_options, recipe]
-    command += ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
-    command += ["--per_device_train_batch_size", str(PER_DEVICE)]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
-    with subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as proc:
-        try:
-            out, err = proc.communicate(timeout=LAUNCH_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"FSDP launch of {recipe} still running after {LAUNCH_TIMEOUT} s:\n{out[-2000:]}{err[-4000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-5000:]
-    assert "FSDP over CPU processes" in err + out, "the launch did not run FSDP"
-    return out + err
+    fails on an error or a hang (killed at `LAUNCH_TIMEOUT`)."""
+    args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
+    args += ["--per_device_train_batch_size", str(PER_DEVICE)]
+    output = accelerate_launch(
+        ["--config_file", str(FSDP_CPU), *launch_options], recipe, args, timeout=LAUNCH_TIMEOUT
+    )
+    assert "FSDP over CPU processes" in output, "the launch did not run FSDP"
+    return output
 
 
 def single_process(types: tuple[type, ...], config: Path, output_dir: Path) -> tuple:
@@ -123,8 +102,13 @@ def assert_same_run(fsdp_dir: Path, single_dir: Path, weights: str) -> None:
     names = sorted(p.name for p in fsdp_dir.iterdir())
     assert names == sorted(p.name for p in single_dir.iterdir())
     assert weights in names and not [n for n in names if n.startswith("pytorch_model_fsdp")]
-    with safe_open(fsdp_dir / weights, "pt") as fsdp_file, safe_open(single_dir / weights, "pt") as single_file:
-        assert sorted(fsdp_file.keys()) == sorted(single_file.keys())  # tied weights stored once, as in one process
+    with (
+        safe_open(fsdp_dir / weights, "pt") as fsdp_file,
+        safe_open(single_dir / weights, "pt") as single_file,
+    ):
+        assert sorted(fsdp_file.keys()) == sorted(
+            single_file.keys()
+        )  # tied weights stored once, as in one process
     assert json.loads((fsdp_dir / "trainer_state.json").read_text())["global_step"] == STEPS
     fsdp_losses, single_losses = losses(fsdp_dir), losses(single_dir)
     assert len(fsdp_losses) == len(single_losses) == STEPS
@@ -142,7 +126,9 @@ def causal_logits(folder: Path) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-def assert_trained_policy_like_one_process(fsdp_dir: Path, single_dir: Path, use_peft: bool, start: Path) -> None:
+def assert_trained_policy_like_one_process(
+    fsdp_dir: Path, single_dir: Path, use_peft: bool, start: Path
+) -> None:
     """A causal-LM stage's FSDP folder: the single-process run's layout and losses, and it loads in one process
     with finite logits that differ from the start's (the trained weights were saved)."""
     assert_same_run(fsdp_dir, single_dir, "adapter_model.safetensors" if use_peft else "model.safetensors")
@@ -173,7 +159,9 @@ def test_sft_under_fsdp2(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_sft_resumes_from_sharded_fsdp2_checkpoints(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path) -> None:
+def test_sft_resumes_from_sharded_fsdp2_checkpoints(
+    tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path
+) -> None:
     """SHARDED_STATE_DICT checkpoints (`pytorch_model_fsdp_0/`, as `recipes/accelerate/fsdp.yaml` writes them)
     count as complete: a rerun resumes from one and trains the step after it as the uninterrupted run did."""
     values = {

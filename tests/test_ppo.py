@@ -15,7 +15,7 @@ import pytest
 import stage_runs
 import torch
 import yaml
-from helpers import REPO, TINY_DATA, head_of
+from helpers import DDP_CPU, REPO, TINY_DATA, accelerate_launch, head_of
 from huggingface_hub import ModelCard
 from stage_runs import PPO_TYPES, normalised_by, reward_args, train_reward
 
@@ -271,7 +271,9 @@ def test_packed_forwards_equal_padded(
         results[packed] = (
             logp * rmask,
             values * rmask,
-            models.ref_logits(ids, mask, length).log_softmax(-1).gather(-1, rollout.response[..., None])[..., 0]
+            models.ref_logits(ids, mask, length)
+            .log_softmax(-1)
+            .gather(-1, rollout.response[..., None])[..., 0]
             * rmask,
             models.scores(ids, mask, rollout.last_index),
             grads,
@@ -498,12 +500,7 @@ def test_accelerate_launch_two_processes(sft_folder: Path, lora_reward: Path, da
         eval_dataset_name=str(data["eval"]),
         eval_samples=8,
     )
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "recipes/ppo.py"]
-    command += ["--config", str(config), "--use_cpu", "true"]
-    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true"])
     assert [p.name for p in out.parent.iterdir()] == ["ppo"]
     state = json.loads((out / "trainer_state.json").read_text())
     steps = [e for e in state["log_history"] if "step" in e]

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import stage_runs
 import torch
 import yaml
-from helpers import REPO, TINY_DATA, assert_resolved_as_written, head_of
+from helpers import DDP_CPU, REPO, TINY_DATA, accelerate_launch, assert_resolved_as_written, head_of
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from stage_runs import REWARD_TYPES, lora_args
@@ -303,13 +300,7 @@ def test_accelerate_launch_two_processes(tiny_model_dir: Path, comparisons, tmp_
             }
         )
     )
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    command += ["--mixed_precision", "no", "--dynamo_backend", "no", "recipes/reward.py"]
-    command += ["--config", str(config), "--use_cpu", "true"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    accelerate_launch(DDP_CPU, "recipes/reward.py", ["--config", str(config), "--use_cpu", "true"])
 
     assert [p.name for p in output_dir.parent.iterdir()] == ["reward"]
     state = json.loads((output_dir / "trainer_state.json").read_text())

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 import stage_runs
 import torch
 import yaml
-from helpers import REPO
+from helpers import DDP_CPU, accelerate_launch
 from huggingface_hub import ModelCard
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -400,36 +397,8 @@ def test_accelerate_launch_two_processes(tiny_model_dir: Path, tiny_sft_file: Pa
             }
         )
     )
-    accelerate = Path(sys.executable).parent / "accelerate"
-    command = [
-        str(accelerate),
-        "launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "recipes/sft.py",
-        "--config",
-        str(config),
-        "--use_cpu",
-        "true",
-        "--max_train_samples",
-        str(rows),
-    ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
-    }
-    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    args = ["--config", str(config), "--use_cpu", "true", "--max_train_samples", str(rows)]
+    accelerate_launch(DDP_CPU, "recipes/sft.py", args)
 
     assert [p.name for p in runs.iterdir()] == ["sft"]  # one run folder, written once
     run_dir = runs / "sft"
