@@ -25,7 +25,7 @@ DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixe
 DDP_CPU += ["--dynamo_backend", "no"]
 
 
-def accelerate_launch(launch_options: list[str], recipe: str, args: list[str], *, timeout: int = 540) -> str:
+def accelerate_launch(launch_options: list[str], recipe: str, args: list[str], *, timeout: int = 300) -> str:
     """`accelerate launch <launch_options> <recipe> <args>` from the repository, offline; returns its stdout and
     stderr. Fails the test on a non-zero exit or when still running at `timeout` seconds (a hung collective): the
     launcher and its workers, one process group, are then killed and their output so far shown.
