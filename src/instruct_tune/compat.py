@@ -229,7 +229,10 @@ def fsdp_on_cpu(args: Any) -> bool:
 
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return False
-    args.device  # noqa: B018 (sets the process state up now, as the Trainer would: it is read below)
+    if hasattr(args, "device"):
+        args.device  # noqa: B018 (sets the process state up now, as the Trainer would: it is read below)
+    else:  # PPO's config, no TrainingArguments: the process state its Accelerator would set up
+        PartialState(cpu=bool(getattr(args, "use_cpu", False)))
     state = PartialState._shared_state
     if state.get("distributed_type") != DistributedType.MULTI_CPU or AcceleratorState._shared_state:
         return False  # not CPU processes, or an Accelerator already chose

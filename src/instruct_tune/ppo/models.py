@@ -36,6 +36,7 @@ from instruct_tune.ppo.adapters import (
     load_reward_adapter,
     reward_shares_policy_base,
 )
+from instruct_tune.ppo.sharding import transformer_layer_names
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,8 @@ class PolicyAndValue(nn.Module):
     ) -> None:
         super().__init__()
         self.packed = packed
+        # What FSDP shards one unit each (accelerate reads a model's `_no_split_modules`): the blocks inside.
+        self._no_split_modules = transformer_layer_names(policy)
         self.policy = policy
         self.value_head = value_head
         self.value_adapter = value_adapter

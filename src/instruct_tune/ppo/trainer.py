@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.checkpoints import trim_jsonl
-from instruct_tune.compat import reset_accelerate_state
+from instruct_tune.compat import fsdp_on_cpu, reset_accelerate_state
 from instruct_tune.config import PPOStageConfig
 from instruct_tune.models.sampling import Rollout
 from instruct_tune.ppo import checkpointing, core, schedule
@@ -35,6 +35,7 @@ from instruct_tune.ppo.reporting import SAMPLES_FILE, fmt, log_samples, step_sta
 from instruct_tune.ppo.rollout import HFRolloutBackend, RolloutBackend, rollout_on
 from instruct_tune.ppo.sanity import NonFiniteError, PolicyGuard, check_finite
 from instruct_tune.ppo.scoring import ScoredBatch, forward_rollout
+from instruct_tune.ppo.sharding import gathered_weights
 from instruct_tune.ppo.update import micro_batch_loss, optimizer_and_scheduler
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class PPOTrainer:
         # A fresh accelerate state, as building `TrainingArguments` gives the Trainer stages: a stage run
         # earlier in this process (tests, notebooks) would leave its state and refuse another mixed precision.
         reset_accelerate_state()
+        if fsdp_on_cpu(args):  # `accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml`
+            logger.info("FSDP over CPU processes (gloo)")
         self.accelerator = Accelerator(
             cpu=args.use_cpu,
             mixed_precision=mixed,
@@ -126,6 +129,10 @@ class PPOTrainer:
     @property
     def unwrapped(self):  # noqa: ANN201 - PolicyAndValue
         return self.accelerator.unwrap_model(self.model)
+
+    def whole_weights(self) -> AbstractContextManager:
+        """The rollout phase's weights: under FSDP2 gathered once for all its forwards (`ppo.sharding`)."""
+        return gathered_weights(self.model)
 
     def _prompt_batch(self, step: int) -> list[Sequence[int]]:
         """This process's prompts of `step` (`instruct_tune.ppo.schedule`)."""
@@ -254,8 +261,22 @@ class PPOTrainer:
         mine = pool[:n][rank::world] if prompts is None else pool
         sums = torch.zeros(5, device=self.accelerator.device)
         chunk = self.args.rollout_batch_size
-        for start in range(0, len(mine), chunk):
-            rollout = self._sample(mine[start : start + chunk], seed=self.args.seed + 7919 * start + rank)
+        with self.whole_weights():
+            self._evaluate_into(sums, mine, chunk, rank)
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        total = sums[4].clamp(min=1)
+        return {
+            f"{prefix}_reward": (sums[0] / total).item(),
+            f"{prefix}_kl": (sums[1] / total).item(),
+            f"{prefix}_response_length": (sums[2] / total).item(),
+            f"{prefix}_eos_share": (sums[3] / total).item(),
+            f"{prefix}_prompts": int(total.item()),
+        }
+
+    def _evaluate_into(self, sums: torch.Tensor, prompts: Sequence[Sequence[int]], chunk: int, rank: int) -> None:
+        """Add score, KL, length, EOS and count sums of the answers to `prompts` into `sums`."""
+        for start in range(0, len(prompts), chunk):
+            rollout = self._sample(prompts[start : start + chunk], seed=self.args.seed + 7919 * start + rank)
             out = self._forward(rollout)
             kl = ((out["logprobs"] - out["ref_logprobs"]) * rollout.response_mask).sum(1)
             scores = self._scores(out["scores"], rollout)
@@ -268,15 +289,6 @@ class PPOTrainer:
                     torch.tensor(float(len(scores)), device=sums.device),
                 ]
             )
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        total = sums[4].clamp(min=1)
-        return {
-            f"{prefix}_reward": (sums[0] / total).item(),
-            f"{prefix}_kl": (sums[1] / total).item(),
-            f"{prefix}_response_length": (sums[2] / total).item(),
-            f"{prefix}_eos_share": (sums[3] / total).item(),
-            f"{prefix}_prompts": int(total.item()),
-        }
 
     # --- checkpoints ----------------------------------------------------------------------------------
 
@@ -329,9 +341,10 @@ class PPOTrainer:
         bar = tqdm(total=self.num_steps, initial=self.step, desc="PPO", disable=quiet)
         while self.step < self.num_steps:
             t0 = time.perf_counter()
-            rollout = self._sample(self._prompt_batch(self.step))
-            t1 = time.perf_counter()
-            batch, entropy = self.score_rollout(rollout)
+            with self.whole_weights():
+                rollout = self._sample(self._prompt_batch(self.step))
+                t1 = time.perf_counter()
+                batch, entropy = self.score_rollout(rollout)
             train_stats = self.update(batch)
             self.rollout_backend.sync_weights()
             t2 = time.perf_counter()

@@ -24,6 +24,7 @@ from instruct_tune.models.sampling import encode_prompts
 from instruct_tune.models.template_compare import chat_template_difference
 from instruct_tune.ppo.adapters import POLICY
 from instruct_tune.ppo.models import build_ppo_models
+from instruct_tune.ppo.sharding import full_state_dict, is_sharded, tie_gathered
 from instruct_tune.ppo.trainer import PPOTrainer
 from instruct_tune.stages.data_sources import data_sources, eval_set_description, train_eval_sets
 from instruct_tune.stages.lengths import check_fits_context, model_context, prompt_budget
@@ -83,16 +84,26 @@ def ptx_ids(
 
 
 def save_policy(
-    trainer: PPOTrainer, output_dir: Path, tokenizer: PreTrainedTokenizerBase, sft_path: str
+    trainer: PPOTrainer,
+    output_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    sft_path: str,
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write the policy adapter (recording the SFT run folder as its base) or the full policy model."""
+    """Write the policy adapter (recording the SFT run folder as its base) or the full policy model.
+
+    `state_dict`: the trainable module's whole state dict, gathered from sharded (FSDP2) parameters.
+    """
     policy = trainer.unwrapped.policy
+    policy_state = None
+    if state_dict is not None:
+        policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
     if isinstance(policy, PeftModel):
         policy.peft_config[POLICY].base_model_name_or_path = sft_path
-        policy.save_pretrained(str(output_dir), selected_adapters=[POLICY])
+        policy.save_pretrained(str(output_dir), selected_adapters=[POLICY], state_dict=policy_state)
         record_adapter_base(output_dir, sft_path)
     else:
-        policy.save_pretrained(str(output_dir))
+        policy.save_pretrained(str(output_dir), state_dict=policy_state and tie_gathered(policy, policy_state))
     tokenizer.save_pretrained(str(output_dir))
 
 
@@ -146,9 +157,11 @@ def run_ppo(
 
     output_dir = Path(args.output_dir)
     trainer.accelerator.wait_for_everyone()
+    # Sharded (FSDP2): every process takes part in gathering the whole weights, the main process writes them.
+    gathered = full_state_dict(trainer.accelerator, trainer.model) if is_sharded(trainer.model) else None
     if trainer.accelerator.is_main_process:
         with disk_full_named(output_dir):  # metrics.json last (write_run_folder): make's sign of a finished folder
-            save_policy(trainer, output_dir, tokenizer, sft_path)
+            save_policy(trainer, output_dir, tokenizer, sft_path, gathered)
             state = {
                 "global_step": trainer.step,
                 "max_steps": trainer.num_steps,
