@@ -25,15 +25,18 @@ DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixe
 DDP_CPU += ["--dynamo_backend", "no"]
 
 
-def accelerate_launch(launch_options: list[str], recipe: str, args: list[str], *, timeout: int = 300) -> str:
+def accelerate_launch(
+    launch_options: list[str], recipe: str, args: list[str], *, timeout: int = 300, succeed: bool = True, **env: str
+) -> str:
     """`accelerate launch <launch_options> <recipe> <args>` from the repository, offline; returns its stdout and
     stderr. Fails the test on a non-zero exit or when still running at `timeout` seconds (a hung collective): the
-    launcher and its workers, one process group, are then killed and their output so far shown.
+    launcher and its workers, one process group, are then killed and their output so far shown. `succeed=False`:
+    fails on a zero exit instead. `env`: more environment variables.
 
     Test files run in parallel (pytest-xdist): `--main_process_port 0` gives each launch a free port of its own,
     where launches on accelerate's default 29500 race for it."""
     command = [str(ACCELERATE), "launch", *launch_options, "--main_process_port", "0", recipe, *args]
-    env = {**os.environ, **OFFLINE_ENV}
+    env = {**os.environ, **OFFLINE_ENV, **env}
     with subprocess.Popen(
         command,
         cwd=REPO,
@@ -49,7 +52,7 @@ def accelerate_launch(launch_options: list[str], recipe: str, args: list[str], *
             os.killpg(proc.pid, signal.SIGKILL)
             out, err = proc.communicate()
             pytest.fail(f"launch of {recipe} still running after {timeout} s:\n{out[-2000:]}{err[-4000:]}")
-    assert proc.returncode == 0, out[-3000:] + err[-5000:]
+    assert (proc.returncode == 0) == succeed, f"exit {proc.returncode}:\n{out[-3000:]}{err[-5000:]}"
     return out + err
 
 

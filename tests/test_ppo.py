@@ -511,6 +511,21 @@ def test_accelerate_launch_two_processes(sft_folder: Path, lora_reward: Path, da
     assert (out / "adapter_model.safetensors").is_file()
 
 
+def test_a_multi_process_launch_on_cpu_without_use_cpu_is_refused(
+    sft_folder: Path, lora_reward: Path, data, tmp_path: Path
+) -> None:
+    """Without `--use_cpu true` on a machine without a GPU, each PPO process would train alone and all would
+    write the same run folder: refused before any model loads."""
+    out = tmp_path / "runs" / "ppo"
+    config = _write_config(tmp_path / "ppo.yaml", sft_folder, lora_reward, data, out)
+    output = accelerate_launch(
+        DDP_CPU, "recipes/ppo.py", ["--config", str(config)], succeed=False, CUDA_VISIBLE_DEVICES=""
+    )
+    assert "2 processes were launched but each would train alone (this one sees 1)" in output
+    assert "add `--use_cpu true`" in output
+    assert not (out / "metrics.json").exists() and "Loading" not in output
+
+
 FSDP_CPU = str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ def check_output_dir(output_dir: Any) -> None:
     """The run folder may be missing or a folder, never an existing file."""
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ConfigError(f"output_dir: {output_dir} is an existing file, not a folder: choose a folder path")
+
+
+def check_launch_trains_together(seen: int) -> None:
+    """Refuse a launch of several processes (`WORLD_SIZE`) in which this one would train alone, seeing `seen`:
+    without a GPU, `accelerate launch --multi_gpu` or an FSDP config starts them, but each trains the whole model
+    unless the stage is told to use the CPU (`--use_cpu true`), and all of them write the same run folder."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > seen:
+        raise ConfigError(
+            f"{launched} processes were launched but each would train alone (this one sees {seen}): "
+            "on CPU, add `--use_cpu true` to the stage's flags"
+        )
 
 
 def check_optimizer_options(args: Any) -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.checkpoints import disk_full_named, ppo_checkpoint_problem
 from instruct_tune.config import ConfigError, DataArguments, ModelArguments, PPOStageConfig
+from instruct_tune.config.checks import check_launch_trains_together
 from instruct_tune.data.text_rows import text_rows, token_rows
 from instruct_tune.models import adapter_base, load_tokenizer
 from instruct_tune.models.adapter_base import record_adapter_base
@@ -115,6 +118,9 @@ def run_ppo(
 ) -> Path:
     """Train the PPO policy and write its run folder; returns the folder."""
     push_to = begin_stage(args)
+    # The processes the PPO trainer's Accelerator will see: all of a launch on CPU only with `use_cpu`.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    check_launch_trains_together(launched if args.use_cpu or torch.cuda.is_available() else 1)
     if not args.reward_model_path:
         raise ConfigError("reward_model_path: set it to the reward stage's run folder")
     run_folder = open_run_folder(

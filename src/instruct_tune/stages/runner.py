@@ -4,7 +4,6 @@ from a checkpoint, train, write the run folder."""
 from __future__ import annotations
 
 import logging
-import os
 import resource
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from instruct_tune.config import (
     resolved_config,
     save_config,
 )
+from instruct_tune.config.checks import check_launch_trains_together
 from instruct_tune.hub import PushError, check_repo_id, push_folder
 from instruct_tune.models import load_tokenizer
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
@@ -77,15 +77,8 @@ def begin_stage(args: StageArguments) -> str | None:
 
 
 def check_process_group(args: TrainingArguments) -> None:
-    """Refuse a launch of several processes in which this one would train alone: without a GPU, `accelerate
-    launch --multi_gpu` or an FSDP config starts them, but each trains the whole model unless the stage is
-    told to use the CPU (`--use_cpu true`), and all of them write the same run folder."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > args.world_size:
-        raise ConfigError(
-            f"{launched} processes were launched but each would train alone (this one sees {args.world_size}): "
-            "on CPU, add `--use_cpu true` to the stage's flags"
-        )
+    """Refuse a multi-process launch in which each process would train alone (`check_launch_trains_together`)."""
+    check_launch_trains_together(args.world_size)
 
 
 @dataclass(frozen=True)
