@@ -124,11 +124,14 @@ test: install browser
 # SFT tokens/s against a plain trl.SFTTrainer, PPO episodes/s against trl 1.12's PPOTrainer (its own venv,
 # made on first use), TRL's GRPO and RLOO (our stages) against our PPO at equal settings, then the machine's
 # matmul peak and our SFT's share of it, then PPO again at ~100M parameters
-# (ours and trl 1.12, one repeat: bench/results/ppo_large.json). Run on a quiet machine.
+# (ours and trl 1.12, one repeat: bench/results/ppo_large.json), and at 128-token answers and 1 PPO epoch
+# (bench/results/ppo_realistic.json). Run on a quiet machine.
 bench: install tiny
 	$(BIN)/python bench/sft.py && $(BIN)/python bench/ppo.py && $(BIN)/python bench/online_rl.py \
 		&& $(BIN)/python bench/machine.py
 	$(BIN)/python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
+	$(BIN)/python bench/ppo.py --response_length 128 --ppo_epochs 1 --episodes 128 --repeats 1 --sides ours,trl112 \
+		--name ppo_realistic
 
 tiny: install
 	$(BIN)/instruct-tune build-tiny --data data/tiny --out models/tiny-gpt2

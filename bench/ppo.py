@@ -3,6 +3,10 @@
     python bench/ppo.py [--episodes 256] [--repeats 2]        (`make bench` runs it; it makes the trl venv)
     python bench/ppo.py --n_embd 1024 --n_layer 8 --episodes 64 --repeats 1 --sides ours,trl112 --name ppo_large
 
+    python bench/ppo.py --response_length 128 --ppo_epochs 1 --episodes 128 --repeats 1 --sides ours,trl112 --name ppo_realistic
+
+The third is the realistic-generation setting (InstructGPT's single PPO epoch, answers of 128 tokens), where
+sampling is most of a step; `generation_share_*` is the share of our training time spent sampling rollouts.
 The second (`make bench` runs it too) is a ~100M-parameter GPT-2, where four models' weights and optimizer state
 outweigh what importing the stack holds (473 MB in our venv, 426 MB in trl 1.12's, session 8).
 
@@ -83,6 +87,12 @@ def peer(python: Path, base: Path, a: argparse.Namespace, lora_r: int) -> tuple[
     return result["episodes"] / result["seconds"], rss
 
 
+def generation_share(phases: dict[str, list[float]], kind: str) -> float:
+    """The share of our PPO steps' time (`kind`: lora or full runs) spent sampling the rollouts."""
+    generate, train = sum(phases[f"{kind} time/generate_s"]), sum(phases[f"{kind} time/train_s"])
+    return generate / (generate + train)
+
+
 IMPORTS = "import torch, transformers, peft, trl, accelerate, datasets"
 SIDES = ("ours", "ours_full", "trl112", "trl112_lora")
 
@@ -126,6 +136,7 @@ def main() -> None:
         **{f"episodes_per_s_{side}": table[side]["median"] for side in sides},
         **{f"peak_rss_mb_{side}": max(rss[side]) for side in sides},
         "our_step_seconds": {key: summary(values) for key, values in phases.items()},
+        **{f"generation_share_{kind}": generation_share(phases, kind) for kind in ("lora", "full") if f"{kind} time/train_s" in phases},
         **{f"ratio_vs_{side}": table["ours"]["median"] / table[side]["median"] for side in sides if side.startswith("trl")},
         **{f"rss_ratio_vs_{side}": max(rss["ours"]) / max(rss[side]) for side in sides if side.startswith("trl")},
         # What importing torch, transformers, peft, trl, accelerate and datasets alone holds, in each venv.
@@ -140,6 +151,9 @@ def main() -> None:
     for side, s in table.items():
         print(f"{side:12s} episodes/s min {s['min']:6.2f} median {s['median']:6.2f} max {s['max']:6.2f}  "
               f"peak RSS {max(rss[side]):6.0f} MB  ours/this x{table['ours']['median'] / s['median']:.2f}")  # fmt: skip
+    for kind in ("lora", "full"):
+        if f"generation_share_{kind}" in result:
+            print(f"ours ({kind}): {result[f'generation_share_{kind}']:.0%} of each step sampling the rollout")
     print(f"importing the stack alone: ours {floor['ours']:.0f} MB, trl 1.12 venv {floor['trl112']:.0f} MB "
           f"({result['import_floor_share_of_trl112']:.2f}x trl 1.12's peak)")  # fmt: skip
     write_result(a.name, result)
