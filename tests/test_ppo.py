@@ -527,6 +527,7 @@ def test_a_multi_process_launch_on_cpu_without_use_cpu_is_refused(
 
 
 FSDP_CPU = str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml")
+ZERO3_CPU = str(REPO / "recipes" / "accelerate" / "zero3_cpu.yaml")
 
 
 def _step_log(run_dir: Path) -> list[dict]:
@@ -547,13 +548,24 @@ FSDP_PPO_TOLERANCE = {"rel": 1e-4, "abs": 1e-5}
 PPO_STEP_KEYS = ("objective/scores", "objective/kl", "loss/policy", "loss/value", "response/length")
 
 
-def _fsdp_and_ddp_runs(config: Path, tmp_path: Path) -> tuple[dict[str, Path], list[str]]:
-    """The PPO run of `config` under DDP and under FSDP2, each over 2 CPU processes; checks they agree."""
-    runs = {"ddp": tmp_path / "ddp" / "ppo", "fsdp": tmp_path / "fsdp" / "ppo"}
-    args = ["--config", str(config), "--use_cpu", "true", "--output_dir"]
-    accelerate_launch(DDP_CPU, "recipes/ppo.py", [*args, str(runs["ddp"])])
-    output = accelerate_launch(["--config_file", FSDP_CPU], "recipes/ppo.py", [*args, str(runs["fsdp"])])
-    assert "FSDP over CPU processes" in output
+def _launch_sharded(engine: str, config: Path, output_dir: Path) -> str:
+    """`recipes/ppo.py` on `config` over 2 CPU processes under `engine` (fsdp: FSDP2, zero3: DeepSpeed ZeRO-3)."""
+    if engine == "fsdp":
+        args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
+        output = accelerate_launch(["--config_file", FSDP_CPU], "recipes/ppo.py", args)
+        assert "FSDP over CPU processes" in output
+        return output
+    args = ["--config", str(config), "--output_dir", str(output_dir)]
+    output = accelerate_launch(["--config_file", ZERO3_CPU], "recipes/ppo.py", args, DS_ACCELERATOR="cpu")
+    assert "ZeRO-3" in output
+    return output
+
+
+def _sharded_and_ddp_runs(config: Path, tmp_path: Path, engine: str = "fsdp") -> tuple[dict[str, Path], list[str]]:
+    """The PPO run of `config` under DDP and under `engine`, each over 2 CPU processes; checks they agree."""
+    runs = {"ddp": tmp_path / "ddp" / "ppo", "fsdp": tmp_path / engine / "ppo"}
+    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true", "--output_dir", str(runs["ddp"])])
+    _launch_sharded(engine, config, runs["fsdp"])
     for a, b in zip(_step_log(runs["ddp"]), _step_log(runs["fsdp"]), strict=True):
         print({k: (a[k], b[k]) for k in PPO_STEP_KEYS})
         for k in PPO_STEP_KEYS:
@@ -567,43 +579,47 @@ def _fsdp_and_ddp_runs(config: Path, tmp_path: Path) -> tuple[dict[str, Path], l
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_as_ddp_and_resumes(sft_folder: Path, lora_reward: Path, data, tmp_path: Path) -> None:
-    """PPO with LoRA on one shared base under FSDP2 (`recipes/accelerate/fsdp_cpu.yaml`, 2 CPU processes)
-    against the same run under DDP: the same rollouts and losses, a run folder of the same files whose policy
-    gives the same logits; a rerun resumes from a sharded run's checkpoint and ends where the uninterrupted run
-    did. A hang fails the test (`accelerate_launch`)."""
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_ppo_trains_as_ddp_and_resumes(
+    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
+) -> None:
+    """PPO with LoRA on one shared base under FSDP2 (`recipes/accelerate/fsdp_cpu.yaml`) or DeepSpeed ZeRO-3
+    (`recipes/accelerate/zero3_cpu.yaml`), 2 CPU processes, against the same run under DDP: the same rollouts
+    and losses, a run folder of the same files whose policy gives the same logits; a rerun resumes from a
+    sharded run's checkpoint and ends where the uninterrupted run did. A hang fails the test."""
     config = _write_config(
         tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused",
         total_episodes=24, eval_dataset_name=str(data["eval"]), eval_samples=8, save_steps=1,
     )  # fmt: skip
-    runs, files = _fsdp_and_ddp_runs(config, tmp_path)
+    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
     assert "adapter_model.safetensors" in files
-    fsdp = _step_log(runs["fsdp"])
-    assert [e["episodes"] for e in fsdp] == [8, 16, 24]
-    args = ["--config", str(config), "--use_cpu", "true", "--output_dir"]
-    keys = PPO_STEP_KEYS
+    sharded = _step_log(runs["fsdp"])
+    assert [e["episodes"] for e in sharded] == [8, 16, 24]
 
     for later in ("checkpoint-2", "checkpoint-3"):  # as if killed after the first step's checkpoint
         shutil.rmtree(runs["fsdp"] / later)
     (runs["fsdp"] / "metrics.json").unlink()
-    output = accelerate_launch(["--config_file", FSDP_CPU], "recipes/ppo.py", [*args, str(runs["fsdp"])])
+    output = _launch_sharded(engine, config, runs["fsdp"])
     assert f"Resumed PPO from {runs['fsdp'] / 'checkpoint-1'} at step 1" in output
     resumed = _step_log(runs["fsdp"])
-    assert resumed[0] == fsdp[0]
-    for a, b in zip(fsdp[1:], resumed[1:], strict=True):
-        for k in keys:
+    assert resumed[0] == sharded[0]
+    for a, b in zip(sharded[1:], resumed[1:], strict=True):
+        for k in PPO_STEP_KEYS:
             assert b[k] == pytest.approx(a[k], **FSDP_PPO_TOLERANCE), (b["step"], k)
 
 
 @pytest.mark.slow
-def test_fsdp2_trains_full_models_as_ddp(sft_folder: Path, lora_reward: Path, data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sharded_ppo_trains_full_models_as_ddp(
+    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
+) -> None:
     """Full fine-tuning (four models: the policy and value sharded, reference and reward frozen copies) under
-    FSDP2 as under DDP; the run folder holds the whole policy, its tied weights saved once."""
+    FSDP2 or ZeRO-3 as under DDP; the run folder holds the whole policy, its tied weights saved once."""
     config = _write_config(
         tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused", use_peft=False,
         total_episodes=16, learning_rate=1.0e-4,
     )  # fmt: skip
-    runs, files = _fsdp_and_ddp_runs(config, tmp_path)
+    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
     assert "model.safetensors" in files and "adapter_model.safetensors" not in files
     metrics = json.loads((runs["fsdp"] / "metrics.json").read_text())
     assert metrics["model_layout"] == "four models: policy, reference, reward, value"

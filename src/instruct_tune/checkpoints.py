@@ -2,7 +2,8 @@
 
 A checkpoint is complete when it holds what its stage needs to continue: the Trainer's `trainer_state.json`
 (written last of a Trainer checkpoint) and readable model or adapter weights (under FSDP with
-SHARDED_STATE_DICT, finished `pytorch_model_fsdp_*` shard folders); our PPO's `ppo_state.json`,
+SHARDED_STATE_DICT, finished `pytorch_model_fsdp_*` shard folders; under DeepSpeed, each rank's model and
+optimizer states in the folder `latest` names); our PPO's `ppo_state.json`,
 weights, optimizer and scheduler. PPO writes each checkpoint under a temporary name and renames it when
 whole (`save_state_atomically`), so a kill or a full disk leaves no `checkpoint-*` missing a file.
 """
@@ -98,12 +99,29 @@ def _weights_problem(folder: Path) -> str | None:
         unfinished = [p.name for p in sharded if not (p / ".metadata").is_file()]
         if sharded:
             return f"{unfinished[0]} has no .metadata" if unfinished else None
+        if (folder / "latest").is_file():
+            return _deepspeed_problem(folder)
         return "no model or adapter weights"
     for path in sorted(files):
         problem = _safetensors_problem(path) if path.suffix == ".safetensors" else None
         if problem or path.stat().st_size == 0:
             return problem or f"{path.name} is empty"
     return None
+
+
+def _deepspeed_problem(folder: Path) -> str | None:
+    """Why a DeepSpeed checkpoint (`latest` naming the tag folder that holds each rank's model and optimizer
+    states, as accelerate's `save_state` writes it under ZeRO) cannot be resumed from (None: it can)."""
+    tag = folder / (folder / "latest").read_text().strip()
+    models = sorted(tag.glob("*model_states.pt"))
+    if not models:
+        return f"DeepSpeed checkpoint {tag.name} has no model states"
+    optims = sorted(tag.glob("*optim_states.pt"))
+    # ZeRO writes one optimizer partition per rank; stage 3 also one model-states file per rank (1-2: one).
+    if not optims or (len(models) > 1 and len(optims) != len(models)):
+        return f"DeepSpeed checkpoint {tag.name} has {len(optims)} optimizer partitions for {len(models)} ranks"
+    empty = next((p.name for p in [*models, *optims] if p.stat().st_size == 0), None)
+    return f"{empty} is empty" if empty else None
 
 
 def trainer_checkpoint_problem(folder: Path) -> str | None:
@@ -116,7 +134,8 @@ def ppo_checkpoint_problem(folder: Path) -> str | None:
     problem = _json_problem(folder / PPO_STATE_FILE)
     if problem:
         return f"not a complete PPO checkpoint ({problem})"
-    for name in ("optimizer.bin", "scheduler.bin"):
+    deepspeed = (folder / "latest").is_file()  # the optimizer state lives in DeepSpeed's tag folder
+    for name in ("scheduler.bin",) if deepspeed else ("optimizer.bin", "scheduler.bin"):
         if not (folder / name).is_file():
             return f"no {name}"
     return _weights_problem(folder)

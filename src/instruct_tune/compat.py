@@ -238,3 +238,52 @@ def fsdp_on_cpu(args: Any) -> bool:
         return False  # not CPU processes, or an Accelerator already chose
     state["distributed_type"] = DistributedType.MULTI_GPU
     return True
+
+
+def deepspeed_on_cpu() -> bool:
+    """Set the process state of a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED`) on a machine without a GPU up
+    with gloo; returns whether it did (`recipes/accelerate/zero3_cpu.yaml`, for a loop on a bare `Accelerator`:
+    our PPO).
+
+    accelerate 1.15 finds no backend for processes that are neither on GPUs nor `cpu=True` (which turns DeepSpeed
+    off): DeepSpeed then starts its process group (gloo, through its CPU accelerator, `DS_ACCELERATOR=cpu`) but
+    accelerate counts 1 process, and each would train on the whole batch. Given the backend, it counts them all.
+    """
+    import os
+
+    import torch
+    from accelerate.state import AcceleratorState, PartialState
+
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
+        return False
+    if AcceleratorState._shared_state or PartialState._shared_state:
+        return False  # the process state is set already
+    PartialState(cpu=False, backend="gloo")
+    return True
+
+
+@contextmanager
+def zero3_hooks_removed(engine: Any) -> Iterator[None]:
+    """A DeepSpeed ZeRO-3 engine's module without its per-module gather/release hooks for the duration, then
+    with them registered again, as TRL's `unwrap_model_for_generation` does.
+
+    DeepSpeed 0.19 releases a parameter after each submodule's forward even inside `GatheredParameters`, so a
+    LoRA merged into the gathered weights is gone by the unmerge, and each token's forward gathers again.
+    The hooks live in `engine.optimizer.parameter_offload` (`forward_hooks`, `backward_hooks`,
+    `_register_deepspeed_module`); no public API removes them.
+    """
+    from deepspeed.runtime.zero.partitioned_param_coordinator import iter_params
+
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    for param in iter_params(offload.module, recurse=True):
+        param.ds_active_sub_modules.clear()
+    for hook in (*offload.forward_hooks, *offload.backward_hooks):
+        hook.remove()
+    offload.forward_hooks, offload.backward_hooks = [], []
+    try:
+        yield
+    finally:
+        offload._register_deepspeed_module(offload.module)

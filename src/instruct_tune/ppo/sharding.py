@@ -1,4 +1,4 @@
-"""PPO with sharded parameters (FSDP2, `fully_shard`): whole weights for the rollout phase, a whole state dict
+"""PPO with sharded parameters (FSDP2 `fully_shard`, DeepSpeed ZeRO-3): whole weights for the rollout phase, a whole state dict
 for the run folder.
 
 Under FSDP2 each process holds a shard of every parameter, and each FSDP unit gathers its weights in its own
@@ -29,16 +29,31 @@ def _units(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
+def _zero3_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of `model` that DeepSpeed ZeRO-3 partitioned (none when it did not)."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
 def is_sharded(model: nn.Module) -> bool:
-    """Whether `model` (or a module in it) is FSDP2-sharded."""
-    return bool(_units(model))
+    """Whether `model` (or a module in it) is sharded: FSDP2 units or ZeRO-3 partitioned parameters."""
+    return bool(_units(model)) or bool(_zero3_parameters(model))
 
 
 @contextmanager
 def gathered_weights(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` with the whole weights of every FSDP2 unit gathered once (one all-gather each, collective: every
-    process enters together) and kept through any number of forwards, on any module of it; resharded after,
-    with each unit's own reshard-after-forward setting back. Not sharded: `model` as it is."""
+    """`model` with the whole weights of every FSDP2 unit (or every ZeRO-3 parameter) gathered once (collective:
+    every process enters together) and kept through any number of forwards, on any module of it; resharded
+    after (FSDP2: each unit's own reshard-after-forward setting back). Not sharded: `model` as it is."""
+    if zero3 := _zero3_parameters(model):
+        # ZeRO-3 (`model` the DeepSpeed engine): one gather of every partitioned parameter, the engine's
+        # per-module hooks off so that no forward inside releases or gathers again; partitioned at the end.
+        import deepspeed
+
+        from instruct_tune.compat import zero3_hooks_removed
+
+        with deepspeed.zero.GatheredParameters(zero3), zero3_hooks_removed(model):
+            yield model
+        return
     units = _units(model)
     if not units:
         yield model

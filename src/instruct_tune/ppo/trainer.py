@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instruct_tune.checkpoints import trim_jsonl
-from instruct_tune.compat import fsdp_on_cpu, reset_accelerate_state
+from instruct_tune.compat import deepspeed_on_cpu, fsdp_on_cpu, reset_accelerate_state
 from instruct_tune.config import PPOStageConfig
 from instruct_tune.models.sampling import Rollout
 from instruct_tune.ppo import checkpointing, core, schedule
@@ -84,8 +84,10 @@ class PPOTrainer:
         reset_accelerate_state()
         if fsdp_on_cpu(args):  # `accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml`
             logger.info("FSDP over CPU processes (gloo)")
+        # `recipes/accelerate/zero3_cpu.yaml`: DeepSpeed's CPU processes (`cpu=True` would turn DeepSpeed off).
+        deepspeed_cpu = deepspeed_on_cpu()
         self.accelerator = Accelerator(
-            cpu=args.use_cpu,
+            cpu=args.use_cpu and not deepspeed_cpu,
             mixed_precision=mixed,
             log_with=trackers or None,
             project_dir=str(self.output_dir),
@@ -103,6 +105,11 @@ class PPOTrainer:
         self.micro_batch_size = self.mini_batch_size // args.gradient_accumulation_steps
         updates = self.num_steps * args.ppo_epochs * args.num_mini_batches
 
+        self.deepspeed = self.accelerator.state.deepspeed_plugin is not None
+        if self.deepspeed:
+            self._deepspeed_config(world)
+            stage = self.accelerator.state.deepspeed_plugin.zero_stage
+            logger.info("DeepSpeed ZeRO-%s over %d processes (%s)", stage, world, self.accelerator.state.backend)
         trainable = models.trainable
         # Train mode throughout (every dropout is off): bitsandbytes repacks 4-bit weights for CPU inference on
         # the first eval-mode forward, after which they cannot train.
@@ -123,6 +130,18 @@ class PPOTrainer:
         self.step = 0
         self.log_history: list[dict[str, Any]] = []
         self.policy_guard = PolicyGuard(args)  # max_kl, min_eos_share (instruct_tune.ppo.sanity)
+
+    def _deepspeed_config(self, world: int) -> None:
+        """Fill the launcher's DeepSpeed config with the loop's batch (no dataloader tells accelerate), its
+        gradient accumulation and clipping (DeepSpeed's engine does both), and our torch AdamW."""
+        args = self.args
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        config["train_micro_batch_size_per_gpu"] = self.micro_batch_size
+        config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+        config["train_batch_size"] = self.micro_batch_size * args.gradient_accumulation_steps * world
+        config["gradient_clipping"] = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else 0.0
+        config["zero_allow_untested_optimizer"] = True  # torch's AdamW, not DeepSpeed's compiled Adam
+        self.accelerator.gradient_accumulation_steps = args.gradient_accumulation_steps  # `accumulate` counts them
 
     # --- data ---------------------------------------------------------------------------------------------
 
@@ -216,8 +235,7 @@ class PPOTrainer:
                     rows = minibatch[a * self.micro_batch_size : (a + 1) * self.micro_batch_size]
                     micro_ptx = ptx[a * ptx_per_micro : (a + 1) * ptx_per_micro]
                     last = a == args.gradient_accumulation_steps - 1
-                    context = self.accelerator.no_sync(self.model) if not last else nullcontext()
-                    with context:
+                    with self._accumulating(last):
                         loss, stats = micro_batch_loss(
                             self.model,
                             batch,
@@ -228,7 +246,9 @@ class PPOTrainer:
                             needs_values=self.advantage_estimator.needs_values,
                         )
                         check_finite(self.step, loss=loss.detach())
-                        self.accelerator.backward(loss / args.gradient_accumulation_steps)
+                        # DeepSpeed divides by its gradient_accumulation_steps itself (`_deepspeed_config`).
+                        scale = 1 if self.deepspeed else args.gradient_accumulation_steps
+                        self.accelerator.backward(loss / scale)
                     for k, v in stats.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
@@ -242,6 +262,13 @@ class PPOTrainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
         return {k: v / count for k, v in sums.items()}
+
+    def _accumulating(self, last: bool) -> AbstractContextManager:
+        """A micro-batch's backward: no gradient sync but after the last of a minibatch (DeepSpeed: its engine
+        steps there, through `accumulate`; optimizer and scheduler steps of the loop are then no-ops)."""
+        if self.deepspeed:
+            return self.accelerator.accumulate(self.model)
+        return self.accelerator.no_sync(self.model) if not last else nullcontext()
 
     # --- evaluation -------------------------------------------------------------------------------------
 

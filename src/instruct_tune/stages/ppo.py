@@ -118,9 +118,11 @@ def run_ppo(
 ) -> Path:
     """Train the PPO policy and write its run folder; returns the folder."""
     push_to = begin_stage(args)
-    # The processes the PPO trainer's Accelerator will see: all of a launch on CPU only with `use_cpu`.
+    # The processes the PPO trainer's Accelerator will see: all of a launch on CPU only with `use_cpu`, or
+    # under DeepSpeed (which sets the process group up itself, on CPU too).
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    check_launch_trains_together(launched if args.use_cpu or torch.cuda.is_available() else 1)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    check_launch_trains_together(launched if args.use_cpu or deepspeed or torch.cuda.is_available() else 1)
     if not args.reward_model_path:
         raise ConfigError("reward_model_path: set it to the reward stage's run folder")
     run_folder = open_run_folder(
