@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+from helpers import TINY_DATA, head_of
+
 from instruct_tune.config import (
     DataArguments,
     ModelArguments,
@@ -90,3 +93,57 @@ def train_reward(
     else:
         data = DataArguments(dataset_name=str(rankings), eval_dataset_name=str(eval_rankings))
     return run_reward(args, data, model)
+
+
+# --- the PPO test modules' data, reward run and config file ------------------------------------------------
+
+
+def ppo_data(folder: Path) -> dict[str, Path]:
+    """Cut-down copies of the tiny task's prompts, held-out prompts, pretraining text and rankings."""
+    return {
+        "prompts": head_of(TINY_DATA / "prompts.jsonl", folder / "prompts.jsonl", 64),
+        "eval": head_of(TINY_DATA / "heldout_prompts.jsonl", folder / "heldout.jsonl", 16),
+        "pretrain": head_of(TINY_DATA / "pretrain.jsonl", folder / "pretrain.jsonl", 64),
+        "comparisons": head_of(TINY_DATA / "comparisons.jsonl", folder / "comparisons.jsonl", 48),
+        "comparisons_eval": head_of(TINY_DATA / "comparisons_eval.jsonl", folder / "comparisons_eval.jsonl", 16),
+    }
+
+
+def ppo_reward_run(out: Path, sft_folder: Path, data: dict[str, Path], use_peft: bool) -> Path:
+    """A reward model trained from the SFT run folder on `data`'s rankings (LoRA: it can share the policy's base)."""
+    args = reward_args(
+        out,
+        gradient_checkpointing=False,
+        **normalised_by(sft_folder, data["prompts"], samples=32, max_new_tokens=12),
+    )
+    return train_reward(args, lora_args(sft_folder, use_peft=use_peft), data["comparisons"], data["comparisons_eval"])
+
+
+def write_ppo_config(path: Path, sft_folder: Path, reward: Path, data, output_dir: Path, **extra) -> Path:
+    """A PPO config file of the LoRA policy on `sft_folder` against `reward`; `extra` overrides or adds."""
+    values = {
+        "model_name_or_path": str(sft_folder),
+        "use_peft": True,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "reward_model_path": str(reward),
+        "dataset_name": str(data["prompts"]),
+        "eval_fraction": 0.0,
+        "eval_samples": 0,
+        "output_dir": str(output_dir),
+        "total_episodes": 48,
+        "rollout_batch_size": 4,
+        "num_mini_batches": 2,
+        "ppo_epochs": 2,
+        "max_new_tokens": 10,
+        "learning_rate": 1.0e-3,
+        "logging_steps": 1,
+        "sample_steps": 0,
+        "report_to": "none",
+        "seed": 0,
+    }
+    values.update(extra)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import pytest
 import stage_runs
 import torch
 import yaml
-from helpers import DDP_CPU, REPO, TINY_DATA, accelerate_launch, head_of
+from helpers import REPO, TINY_DATA
 from huggingface_hub import ModelCard
-from stage_runs import PPO_TYPES, normalised_by, reward_args, train_reward
+from stage_runs import PPO_TYPES
 
 from instruct_tune.config import DataArguments, ModelArguments, PPOStageConfig, parse_args
 from instruct_tune.models import adapter_chain, load_model, load_tokenizer
@@ -48,26 +47,11 @@ policy_args = stage_runs.lora_args
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("ppo-data")
-    return {
-        "prompts": head_of(TINY_DATA / "prompts.jsonl", folder / "prompts.jsonl", 64),
-        "eval": head_of(TINY_DATA / "heldout_prompts.jsonl", folder / "heldout.jsonl", 16),
-        "pretrain": head_of(TINY_DATA / "pretrain.jsonl", folder / "pretrain.jsonl", 64),
-        "comparisons": head_of(TINY_DATA / "comparisons.jsonl", folder / "comparisons.jsonl", 48),
-        "comparisons_eval": head_of(
-            TINY_DATA / "comparisons_eval.jsonl", folder / "comparisons_eval.jsonl", 16
-        ),
-    }
+    return stage_runs.ppo_data(tmp_path_factory.mktemp("ppo-data"))
 
 
 def _reward_run(out: Path, sft_folder: Path, data: dict[str, Path], use_peft: bool) -> Path:
-    args = reward_args(
-        out,
-        gradient_checkpointing=False,
-        **normalised_by(sft_folder, data["prompts"], samples=32, max_new_tokens=12),
-    )
-    model_args = policy_args(sft_folder, use_peft=use_peft)
-    return train_reward(args, model_args, data["comparisons"], data["comparisons_eval"])
+    return stage_runs.ppo_reward_run(out, sft_folder, data, use_peft)
 
 
 @pytest.fixture(scope="module")
@@ -431,31 +415,7 @@ def test_ppo_config_parses_and_checks_options(tmp_path: Path) -> None:
 # --- operation: resume after SIGKILL, two processes ----------------------------------------------------
 
 
-def _write_config(path: Path, sft_folder: Path, reward: Path, data, output_dir: Path, **extra) -> Path:
-    values = {
-        "model_name_or_path": str(sft_folder),
-        "use_peft": True,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "reward_model_path": str(reward),
-        "dataset_name": str(data["prompts"]),
-        "eval_fraction": 0.0,
-        "eval_samples": 0,
-        "output_dir": str(output_dir),
-        "total_episodes": 48,
-        "rollout_batch_size": 4,
-        "num_mini_batches": 2,
-        "ppo_epochs": 2,
-        "max_new_tokens": 10,
-        "learning_rate": 1.0e-3,
-        "logging_steps": 1,
-        "sample_steps": 0,
-        "report_to": "none",
-        "seed": 0,
-    }
-    values.update(extra)
-    path.write_text(yaml.safe_dump(values))
-    return path
+_write_config = stage_runs.write_ppo_config
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -487,142 +447,6 @@ def test_sigkill_after_a_checkpoint_resumes_and_completes(
     assert (out / "adapter_model.safetensors").is_file()
     for name in ("model.safetensors", "optimizer.bin", "scheduler.bin", "ppo_state.json"):
         assert (out / "checkpoint-9" / name).is_file(), name
-
-
-def test_accelerate_launch_two_processes(sft_folder: Path, lora_reward: Path, data, tmp_path: Path) -> None:
-    out = tmp_path / "runs" / "ppo"
-    config = _write_config(
-        tmp_path / "ppo.yaml",
-        sft_folder,
-        lora_reward,
-        data,
-        out,
-        total_episodes=16,
-        eval_dataset_name=str(data["eval"]),
-        eval_samples=8,
-    )
-    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true"])
-    assert [p.name for p in out.parent.iterdir()] == ["ppo"]
-    state = json.loads((out / "trainer_state.json").read_text())
-    steps = [e for e in state["log_history"] if "step" in e]
-    assert [e["episodes"] for e in steps] == [8, 16]  # 2 ranks x 4 prompts per step
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["eval_end_prompts"] == 8  # the 8 eval prompts were split over the ranks
-    assert (out / "adapter_model.safetensors").is_file()
-
-
-def test_a_multi_process_launch_on_cpu_without_use_cpu_is_refused(
-    sft_folder: Path, lora_reward: Path, data, tmp_path: Path
-) -> None:
-    """Without `--use_cpu true` on a machine without a GPU, each PPO process would train alone and all would
-    write the same run folder: refused before any model loads."""
-    out = tmp_path / "runs" / "ppo"
-    config = _write_config(tmp_path / "ppo.yaml", sft_folder, lora_reward, data, out)
-    output = accelerate_launch(
-        DDP_CPU, "recipes/ppo.py", ["--config", str(config)], succeed=False, CUDA_VISIBLE_DEVICES=""
-    )
-    assert "2 processes were launched but each would train alone (this one sees 1)" in output
-    assert "add `--use_cpu true`" in output
-    assert not (out / "metrics.json").exists() and "Loading" not in output
-
-
-FSDP_CPU = str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml")
-ZERO3_CPU = str(REPO / "recipes" / "accelerate" / "zero3_cpu.yaml")
-
-
-def _step_log(run_dir: Path) -> list[dict]:
-    state = json.loads((run_dir / "trainer_state.json").read_text())
-    return [e for e in state["log_history"] if "step" in e]
-
-
-def _policy_logits(run_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    model = load_model(ModelArguments(model_name_or_path=str(run_dir)), load_tokenizer(policy_args(run_dir)))
-    with torch.no_grad():
-        return model(ids).logits
-
-
-# PPO under FSDP2 against DDP, same seeds: the same samples (the gathered weights are the DDP model's, bit for
-# bit), losses apart by the order of the gradient sums (reduce-scatter against all-reduce). Measured: the
-# first step's figures equal, the third step's policy loss 2e-8 apart.
-FSDP_PPO_TOLERANCE = {"rel": 1e-4, "abs": 1e-5}
-PPO_STEP_KEYS = ("objective/scores", "objective/kl", "loss/policy", "loss/value", "response/length")
-
-
-def _launch_sharded(engine: str, config: Path, output_dir: Path) -> str:
-    """`recipes/ppo.py` on `config` over 2 CPU processes under `engine` (fsdp: FSDP2, zero3: DeepSpeed ZeRO-3)."""
-    if engine == "fsdp":
-        args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
-        output = accelerate_launch(["--config_file", FSDP_CPU], "recipes/ppo.py", args)
-        assert "FSDP over CPU processes" in output
-        return output
-    args = ["--config", str(config), "--output_dir", str(output_dir)]
-    output = accelerate_launch(["--config_file", ZERO3_CPU], "recipes/ppo.py", args, DS_ACCELERATOR="cpu")
-    assert "ZeRO-3" in output
-    return output
-
-
-def _sharded_and_ddp_runs(config: Path, tmp_path: Path, engine: str = "fsdp") -> tuple[dict[str, Path], list[str]]:
-    """The PPO run of `config` under DDP and under `engine`, each over 2 CPU processes; checks they agree."""
-    runs = {"ddp": tmp_path / "ddp" / "ppo", "fsdp": tmp_path / engine / "ppo"}
-    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true", "--output_dir", str(runs["ddp"])])
-    _launch_sharded(engine, config, runs["fsdp"])
-    for a, b in zip(_step_log(runs["ddp"]), _step_log(runs["fsdp"]), strict=True):
-        print({k: (a[k], b[k]) for k in PPO_STEP_KEYS})
-        for k in PPO_STEP_KEYS:
-            assert b[k] == pytest.approx(a[k], **FSDP_PPO_TOLERANCE), (b["step"], k)
-    files = {name: sorted(p.name for p in run.iterdir() if not p.name.startswith("checkpoint-")) for name, run in runs.items()}
-    assert files["fsdp"] == files["ddp"]
-    assert not any("fsdp" in f for f in files["fsdp"])
-    ids = torch.tensor([[5, 17, 42, 8, 99, 3, 61]])
-    torch.testing.assert_close(_policy_logits(runs["fsdp"], ids), _policy_logits(runs["ddp"], ids), rtol=1e-4, atol=1e-4)
-    return runs, files["fsdp"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
-def test_sharded_ppo_trains_as_ddp_and_resumes(
-    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
-) -> None:
-    """PPO with LoRA on one shared base under FSDP2 (`recipes/accelerate/fsdp_cpu.yaml`) or DeepSpeed ZeRO-3
-    (`recipes/accelerate/zero3_cpu.yaml`), 2 CPU processes, against the same run under DDP: the same rollouts
-    and losses, a run folder of the same files whose policy gives the same logits; a rerun resumes from a
-    sharded run's checkpoint and ends where the uninterrupted run did. A hang fails the test."""
-    config = _write_config(
-        tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused",
-        total_episodes=24, eval_dataset_name=str(data["eval"]), eval_samples=8, save_steps=1,
-    )  # fmt: skip
-    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
-    assert "adapter_model.safetensors" in files
-    sharded = _step_log(runs["fsdp"])
-    assert [e["episodes"] for e in sharded] == [8, 16, 24]
-
-    for later in ("checkpoint-2", "checkpoint-3"):  # as if killed after the first step's checkpoint
-        shutil.rmtree(runs["fsdp"] / later)
-    (runs["fsdp"] / "metrics.json").unlink()
-    output = _launch_sharded(engine, config, runs["fsdp"])
-    assert f"Resumed PPO from {runs['fsdp'] / 'checkpoint-1'} at step 1" in output
-    resumed = _step_log(runs["fsdp"])
-    assert resumed[0] == sharded[0]
-    for a, b in zip(sharded[1:], resumed[1:], strict=True):
-        for k in PPO_STEP_KEYS:
-            assert b[k] == pytest.approx(a[k], **FSDP_PPO_TOLERANCE), (b["step"], k)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
-def test_sharded_ppo_trains_full_models_as_ddp(
-    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
-) -> None:
-    """Full fine-tuning (four models: the policy and value sharded, reference and reward frozen copies) under
-    FSDP2 or ZeRO-3 as under DDP; the run folder holds the whole policy, its tied weights saved once."""
-    config = _write_config(
-        tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused", use_peft=False,
-        total_episodes=16, learning_rate=1.0e-4,
-    )  # fmt: skip
-    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
-    assert "model.safetensors" in files and "adapter_model.safetensors" not in files
-    metrics = json.loads((runs["fsdp"] / "metrics.json").read_text())
-    assert metrics["model_layout"] == "four models: policy, reference, reward, value"
 
 
 def test_qlora_base_runs_ppo_on_one_shared_4bit_base(
