@@ -89,9 +89,11 @@ PPO_STEP_KEYS = ("objective/scores", "objective/kl", "loss/policy", "loss/value"
 
 def _launch_sharded(engine: str, config: Path, output_dir: Path) -> str:
     """`recipes/ppo.py` on `config` over 2 CPU processes under `engine` (fsdp: FSDP2, zero3: DeepSpeed ZeRO-3)."""
-    if engine == "fsdp":
+    if engine.startswith("fsdp"):
         args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
-        output = accelerate_launch(["--config_file", FSDP_CPU], "recipes/ppo.py", args)
+        # fsdp_sharded: checkpoints as the GPU config (recipes/accelerate/fsdp.yaml) writes them
+        sharded = ["--fsdp_state_dict_type", "SHARDED_STATE_DICT"] if engine == "fsdp_sharded" else []
+        output = accelerate_launch(["--config_file", FSDP_CPU, *sharded], "recipes/ppo.py", args)
         assert "FSDP over CPU processes" in output
         return output
     args = ["--config", str(config), "--output_dir", str(output_dir)]
@@ -118,7 +120,7 @@ def _sharded_and_ddp_runs(config: Path, tmp_path: Path, engine: str = "fsdp") ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+@pytest.mark.parametrize("engine", ["fsdp", "fsdp_sharded", "zero3"])
 def test_sharded_ppo_trains_as_ddp_and_resumes(
     engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
 ) -> None:

@@ -134,10 +134,17 @@ def ppo_checkpoint_problem(folder: Path) -> str | None:
     problem = _json_problem(folder / PPO_STATE_FILE)
     if problem:
         return f"not a complete PPO checkpoint ({problem})"
-    deepspeed = (folder / "latest").is_file()  # the optimizer state lives in DeepSpeed's tag folder
-    for name in ("scheduler.bin",) if deepspeed else ("optimizer.bin", "scheduler.bin"):
-        if not (folder / name).is_file():
-            return f"no {name}"
+    if not (folder / "scheduler.bin").is_file():
+        return "no scheduler.bin"
+    # The optimizer state: `optimizer.bin`; FSDP's SHARDED_STATE_DICT: `optimizer_*/`, complete with its
+    # `.metadata`; DeepSpeed: in the tag folder `latest` names (checked with the weights).
+    sharded = sorted(p for p in folder.glob("optimizer_*") if p.is_dir())
+    if sharded:
+        unfinished = [p.name for p in sharded if not (p / ".metadata").is_file()]
+        if unfinished:
+            return f"{unfinished[0]} has no .metadata"
+    elif not (folder / "optimizer.bin").is_file() and not (folder / "latest").is_file():
+        return "no optimizer.bin"
     return _weights_problem(folder)
 
 
