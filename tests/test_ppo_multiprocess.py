@@ -102,10 +102,39 @@ def _launch_sharded(engine: str, config: Path, output_dir: Path) -> str:
     return output
 
 
-def _sharded_and_ddp_runs(config: Path, tmp_path: Path, engine: str = "fsdp") -> tuple[dict[str, Path], list[str]]:
-    """The PPO run of `config` under DDP and under `engine`, each over 2 CPU processes; checks they agree."""
-    runs = {"ddp": tmp_path / "ddp" / "ppo", "fsdp": tmp_path / engine / "ppo"}
-    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true", "--output_dir", str(runs["ddp"])])
+def _ddp_run(config: Path) -> tuple[Path, Path]:
+    """`config` run under DDP over 2 CPU processes, beside it: the reference of the sharded runs."""
+    run_dir = config.parent / "ddp" / "ppo"
+    accelerate_launch(DDP_CPU, "recipes/ppo.py", ["--config", str(config), "--use_cpu", "true", "--output_dir", str(run_dir)])
+    return config, run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_ddp(sft_folder: Path, lora_reward: Path, data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """3 steps of LoRA PPO on one shared base (a checkpoint each), under DDP: the config and the run folder."""
+    config = write_ppo_config(
+        tmp_path_factory.mktemp("ppo-lora") / "ppo.yaml", sft_folder, lora_reward, data, Path("unused"),
+        total_episodes=24, eval_dataset_name=str(data["eval"]), eval_samples=8, save_steps=1,
+    )  # fmt: skip
+    return _ddp_run(config)
+
+
+@pytest.fixture(scope="module")
+def full_ddp(sft_folder: Path, lora_reward: Path, data, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2 steps of PPO with four full models under DDP: the config and the run folder."""
+    config = write_ppo_config(
+        tmp_path_factory.mktemp("ppo-full") / "ppo.yaml", sft_folder, lora_reward, data, Path("unused"),
+        use_peft=False, total_episodes=16, learning_rate=1.0e-4,
+    )  # fmt: skip
+    return _ddp_run(config)
+
+
+def _sharded_and_ddp_runs(
+    ddp: tuple[Path, Path], tmp_path: Path, engine: str
+) -> tuple[dict[str, Path], list[str]]:
+    """The DDP run's config under `engine` over 2 CPU processes; checks it agrees with the DDP run."""
+    config, ddp_dir = ddp
+    runs = {"ddp": ddp_dir, "fsdp": tmp_path / engine / "ppo"}
     _launch_sharded(engine, config, runs["fsdp"])
     for a, b in zip(_step_log(runs["ddp"]), _step_log(runs["fsdp"]), strict=True):
         print({k: (a[k], b[k]) for k in PPO_STEP_KEYS})
@@ -121,18 +150,13 @@ def _sharded_and_ddp_runs(config: Path, tmp_path: Path, engine: str = "fsdp") ->
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", "fsdp_sharded", "zero3"])
-def test_sharded_ppo_trains_as_ddp_and_resumes(
-    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
-) -> None:
+def test_sharded_ppo_trains_as_ddp_and_resumes(engine: str, lora_ddp: tuple[Path, Path], tmp_path: Path) -> None:
     """PPO with LoRA on one shared base under FSDP2 (`recipes/accelerate/fsdp_cpu.yaml`) or DeepSpeed ZeRO-3
     (`recipes/accelerate/zero3_cpu.yaml`), 2 CPU processes, against the same run under DDP: the same rollouts
     and losses, a run folder of the same files whose policy gives the same logits; a rerun resumes from a
     sharded run's checkpoint and ends where the uninterrupted run did. A hang fails the test."""
-    config = write_ppo_config(
-        tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused",
-        total_episodes=24, eval_dataset_name=str(data["eval"]), eval_samples=8, save_steps=1,
-    )  # fmt: skip
-    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
+    config = lora_ddp[0]
+    runs, files = _sharded_and_ddp_runs(lora_ddp, tmp_path, engine)
     assert "adapter_model.safetensors" in files
     sharded = _step_log(runs["fsdp"])
     assert [e["episodes"] for e in sharded] == [8, 16, 24]
@@ -151,16 +175,10 @@ def test_sharded_ppo_trains_as_ddp_and_resumes(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["fsdp", "zero3"])
-def test_sharded_ppo_trains_full_models_as_ddp(
-    engine: str, sft_folder: Path, lora_reward: Path, data, tmp_path: Path
-) -> None:
+def test_sharded_ppo_trains_full_models_as_ddp(engine: str, full_ddp: tuple[Path, Path], tmp_path: Path) -> None:
     """Full fine-tuning (four models: the policy and value sharded, reference and reward frozen copies) under
     FSDP2 or ZeRO-3 as under DDP; the run folder holds the whole policy, its tied weights saved once."""
-    config = write_ppo_config(
-        tmp_path / "ppo.yaml", sft_folder, lora_reward, data, tmp_path / "unused", use_peft=False,
-        total_episodes=16, learning_rate=1.0e-4,
-    )  # fmt: skip
-    runs, files = _sharded_and_ddp_runs(config, tmp_path, engine)
+    runs, files = _sharded_and_ddp_runs(full_ddp, tmp_path, engine)
     assert "model.safetensors" in files and "adapter_model.safetensors" not in files
     metrics = json.loads((runs["fsdp"] / "metrics.json").read_text())
     assert metrics["model_layout"] == "four models: policy, reference, reward, value"
