@@ -6,7 +6,10 @@ Runs, timing each step and stopping at none of them: the tiny model's build; `ma
 tiny default (bf16 is on by default where CUDA supports it; the Makefile gives a GPU machine no CPU-thread
 setting); SFT with a LoRA adapter on the 4-bit NF4 base (QLoRA); `instruct-tune merge` of that adapter; PPO
 with LoRA adapters on a 4-bit shared base starting from the merged SFT model and the chain's reward model; `instruct-tune generate` from the PPO
-policy. Prints one line per step and writes bench/results/gpu_check.json (the device, the versions, each
+policy; then PPO's rollout backends compared (`rollout_backends`: the same PPO run sampled by `generate` and
+by a colocated vLLM engine, same model, settings and seed: episodes/s of each, their ratio, each policy's gold
+win rate against SFT in one eval; skipped, saying why, without CUDA or the `vllm` package). Prints one line per
+step and writes bench/results/gpu_check.json (the device, the versions, each
 step's seconds and exit status, the eval table's figures, what each trained model ran on).
 """
 
@@ -103,6 +106,76 @@ def trained_on(folder: Path) -> dict:
     return found
 
 
+def vllm_skip_reason() -> str | None:
+    """Why the rollout backends cannot be compared here (None: they can)."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (torch.cuda.is_available() is false)"
+    if importlib.util.find_spec("vllm") is None:
+        return "the vllm package is not installed (pip install 'instruct-tune[vllm]')"
+    return None
+
+
+def gold_win_rates(eval_metrics: dict) -> dict:
+    """Every overall gold win rate against SFT in an eval's metrics.json, under its path of keys."""
+    found: dict = {}
+
+    def walk(value: object, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}/{key}" if path else str(key))
+        elif path.rsplit("/", 1)[-1] == "win_rate_vs_sft_gold":
+            found[path] = value
+
+    walk(eval_metrics, "")
+    return found
+
+
+def rollout_backends(config: Path, smoke: bool, log_dir: Path, env: dict, steps: dict) -> dict:
+    """PPO with `rollout_backend: hf` and `vllm` from the chain's SFT and reward models: speed and quality."""
+    reason = vllm_skip_reason()
+    if reason is None and not ((RUN / "sft").is_dir() and (RUN / "reward").is_dir()):
+        reason = "the make_rlhf step left no SFT or reward model"
+    if reason is not None:
+        print(f"[rollout_backends] skipped: {reason}", flush=True)
+        return {"skipped": reason}
+    episodes = 64 if smoke else 2048
+    result: dict = {"episodes": episodes}
+    for backend in ("hf", "vllm"):
+        name = f"ppo_rollout_{backend}"
+        steps[name] = step(name, [
+            sys.executable, "recipes/ppo.py", "--config", f"{config}/ppo.yaml", "--model_name_or_path", str(RUN / "sft"),
+            "--reward_model_path", str(RUN / "reward"), "--output_dir", str(RUN / f"ppo-{backend}"),
+            "--total_episodes", str(episodes), "--eval_samples", "64", "--save_steps", "0", "--seed", "42",
+            "--rollout_backend", backend,
+        ], log_dir, 600, env)  # fmt: skip
+        metrics = trained_on(RUN / f"ppo-{backend}")
+        runtime = metrics.get("train_runtime")
+        result[backend] = {
+            "exit": steps[name]["exit"],
+            "train_runtime": runtime,
+            "episodes_per_second": round(episodes / runtime, 2) if runtime else None,
+        }
+    # The trainer samples through the backend the factory builds: a log without the engine's line means
+    # `rollout_backend` was not wired in and both runs sampled with generate.
+    result["vllm"]["engine_used"] = "vLLM rollouts on cuda" in (log_dir / "ppo_rollout_vllm.log").read_text()
+    hf_rate, vllm_rate = result["hf"]["episodes_per_second"], result["vllm"]["episodes_per_second"]
+    result["speedup_vllm_over_hf"] = round(vllm_rate / hf_rate, 2) if hf_rate and vllm_rate else None
+    steps["eval_rollout_backends"] = step("eval_rollout_backends", [
+        sys.executable, "recipes/eval.py", "--config", f"{config}/eval.yaml", "--output_dir", str(RUN / "eval-backends"),
+        "--sft_path", str(RUN / "sft"), "--policy_paths", str(RUN / "ppo-hf"), str(RUN / "ppo-vllm"),
+        "--policy_names", "ppo_hf", "ppo_vllm", "--reward_model_path", str(RUN / "reward"),
+    ], log_dir, 300, env)  # fmt: skip
+    eval_metrics = RUN / "eval-backends" / "metrics.json"
+    if eval_metrics.is_file():
+        result["gold_win_rate_vs_sft"] = gold_win_rates(json.loads(eval_metrics.read_text()))
+    print(f"[rollout_backends] {json.dumps(result)}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage")
@@ -157,6 +230,7 @@ def main() -> None:
         str(venv / "bin/instruct-tune"), "generate", str(RUN / "ppo"), "--input", str(prompts),
         "--output", str(log_dir / "generated.jsonl"),
     ], log_dir, 60, env)  # fmt: skip
+    report["rollout_backends"] = rollout_backends(config, args.smoke, log_dir, env, steps)
     for stage in ("sft", "reward", "ppo", "sft-qlora", "ppo-qlora"):
         report[stage] = trained_on(RUN / stage)
     metrics = RUN / "eval" / "metrics.json"

@@ -3,12 +3,53 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from instruct_tune.config.checks import check_count, check_number
 from instruct_tune.config.errors import ConfigError
 from instruct_tune.config.ppo_base import PPO_INSTEAD, PPOTrainingOptions
 
-__all__ = ["PPO_INSTEAD", "PPOStageConfig"]
+__all__ = [
+    "PPO_INSTEAD",
+    "ROLLOUT_BACKENDS",
+    "VLLM_WEIGHT_SYNCS",
+    "PPOStageConfig",
+    "check_rollout_models",
+    "vllm_rollout_problems",
+]
+
+ROLLOUT_BACKENDS = ("hf", "vllm")
+VLLM_WEIGHT_SYNCS = ("merged", "lora")
+
+
+def vllm_rollout_problems(use_cpu: bool = False) -> list[str]:
+    """Why `rollout_backend: vllm` cannot run in this process (empty: it can), checked without loading vLLM."""
+    import importlib.util
+
+    import torch
+
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("the `vllm` package, not installed here: pip install 'instruct-tune[vllm]'")
+    if use_cpu:
+        problems.append("a CUDA GPU, and use_cpu is true")
+    elif not torch.cuda.is_available():
+        problems.append("a CUDA GPU, and torch.cuda.is_available() is false on this machine")
+    return problems
+
+
+def check_rollout_models(args: Any, model_args: Any) -> None:
+    """The rollout options against the model options, before any model loads: vLLM samples no 4/8-bit base, and
+    `vllm_weight_sync: lora` needs a LoRA policy."""
+    if getattr(args, "rollout_backend", "hf") != "vllm":
+        return
+    if getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False):
+        raise ConfigError(
+            "rollout_backend: vllm samples from the 16-bit weights; it cannot with load_in_4bit/load_in_8bit "
+            "(use rollout_backend: hf for QLoRA)"
+        )
+    if args.vllm_weight_sync == "lora" and not getattr(model_args, "use_peft", False):
+        raise ConfigError("vllm_weight_sync: lora needs a LoRA policy (use_peft: true); use merged for a full one")
 
 
 @dataclass
@@ -53,6 +94,34 @@ class PPOStageConfig(PPOTrainingOptions):
         default=1.0, metadata={"help": "Sampling temperature; training logprobs use the same one."}
     )
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0: off)."})
+    rollout_backend: str = field(
+        default="hf",
+        metadata={
+            "help": "What samples the rollouts: hf (`generate` on the training policy) or vllm (a vLLM engine "
+            "colocated with each training process, weights pushed after every update; a CUDA GPU and "
+            "`pip install instruct-tune[vllm]`).",
+            "choices": ROLLOUT_BACKENDS,
+        },
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "rollout_backend vllm: share of the GPU's memory the engine takes (weights + KV cache)."},
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={
+            "help": "rollout_backend vllm: free the engine's GPU memory between rollouts (its KV cache, and its "
+            "weights under vllm_weight_sync merged), for the training step."
+        },
+    )
+    vllm_weight_sync: str = field(
+        default="merged",
+        metadata={
+            "help": "rollout_backend vllm: after each update push the policy's weights with its LoRA merged in "
+            "(merged), or only the LoRA adapter, served by vLLM's LoRA support (lora; a LoRA policy only).",
+            "choices": VLLM_WEIGHT_SYNCS,
+        },
+    )
     missing_eos_penalty: float | None = field(
         default=1.0, metadata={"help": "Subtracted from the score of a response without EOS (null: none)."}
     )
@@ -130,6 +199,7 @@ class PPOStageConfig(PPOTrainingOptions):
             raise ConfigError(f"temperature: {self.temperature} must be > 0 (PPO trains on sampled responses)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: {self.top_p} is not in (0, 1]")
+        self._check_rollout_backend()
         if self.ptx_coef < 0:
             raise ConfigError(f"ptx_coef: {self.ptx_coef} must be >= 0")
         if self.ptx_coef > 0 and not self.ptx_dataset:
@@ -138,3 +208,17 @@ class PPOStageConfig(PPOTrainingOptions):
             raise ConfigError(f"ptx_heldout_rows: {self.ptx_heldout_rows} must be >= 0")
         if self.target_kl is not None and self.target_kl <= 0:
             raise ConfigError(f"target_kl: {self.target_kl} must be > 0 (null for a fixed beta)")
+
+    def _check_rollout_backend(self) -> None:
+        """The rollout options; `rollout_backend: vllm` refused here, before any model loads, where it cannot run."""
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ConfigError(f"rollout_backend: {self.rollout_backend!r} is not one of {', '.join(ROLLOUT_BACKENDS)}")
+        if self.vllm_weight_sync not in VLLM_WEIGHT_SYNCS:
+            raise ConfigError(
+                f"vllm_weight_sync: {self.vllm_weight_sync!r} is not one of {', '.join(VLLM_WEIGHT_SYNCS)}"
+            )
+        check_number("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, above=0, at_most=1)
+        if self.rollout_backend == "vllm":
+            problems = vllm_rollout_problems(self.use_cpu)
+            if problems:
+                raise ConfigError("rollout_backend: vllm needs " + "; and ".join(problems))

@@ -7,6 +7,9 @@ remote server) can plug in. The logprobs of PPO's ratio are always recomputed by
 `HFRolloutBackend` samples with `generate` from the training model itself: a LoRA policy is merged for the
 duration of sampling when the base allows it (not 4-bit), so sampling costs what the plain model costs, then
 unmerged so training goes on with the adapter; `sync_weights` has nothing to do.
+
+`make_rollout_backend` builds the one a config's `rollout_backend` names: `hf`, or `vllm`
+(`instruct_tune.ppo.vllm_rollout.VLLMRolloutBackend`, imported only then).
 """
 
 from __future__ import annotations
@@ -24,7 +27,14 @@ from transformers import PreTrainedTokenizerBase
 from instruct_tune.models.sampling import Rollout, left_pad, sample_responses
 from instruct_tune.ppo.adapters import POLICY, active_adapter
 
-__all__ = ["HFRolloutBackend", "RolloutBackend", "rollout_on", "sample_rollout", "sampling_policy"]
+__all__ = [
+    "HFRolloutBackend",
+    "RolloutBackend",
+    "make_rollout_backend",
+    "rollout_on",
+    "sample_rollout",
+    "sampling_policy",
+]
 
 
 @runtime_checkable
@@ -141,6 +151,23 @@ class HFRolloutBackend:
 
     def sync_weights(self) -> None:
         """Nothing to do: `generate` reads the training weights."""
+
+
+def make_rollout_backend(
+    args: Any, policy: nn.Module, tokenizer: PreTrainedTokenizerBase, device: torch.device | str | None = None
+) -> RolloutBackend:
+    """The rollout backend of a `PPOStageConfig` (`rollout_backend`) for this process's unwrapped policy.
+
+    `device`: where the HF backend's prompts go (the vLLM engine takes this process's GPU, `LOCAL_RANK`).
+    """
+    backend = getattr(args, "rollout_backend", "hf")
+    if backend == "hf":
+        return HFRolloutBackend.from_args(policy, tokenizer, args, device=device)
+    if backend == "vllm":
+        from instruct_tune.ppo.vllm_rollout import VLLMRolloutBackend
+
+        return VLLMRolloutBackend.from_args(policy, tokenizer, args, device=device)
+    raise ValueError(f"rollout_backend: {backend!r} is not one of hf, vllm")
 
 
 def rollout_on(rollout: Rollout, device: torch.device | str) -> Rollout:

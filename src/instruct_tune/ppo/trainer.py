@@ -32,7 +32,7 @@ from instruct_tune.ppo import checkpointing, core, schedule
 from instruct_tune.ppo.advantages import AdvantageEstimator, AdvantageInputs, KLPenalizedGAE
 from instruct_tune.ppo.models import PPOModels
 from instruct_tune.ppo.reporting import SAMPLES_FILE, fmt, log_samples, step_stats
-from instruct_tune.ppo.rollout import HFRolloutBackend, RolloutBackend, rollout_on
+from instruct_tune.ppo.rollout import RolloutBackend, make_rollout_backend, rollout_on
 from instruct_tune.ppo.sanity import NonFiniteError, PolicyGuard, check_finite
 from instruct_tune.ppo.scoring import ScoredBatch, forward_rollout
 from instruct_tune.ppo.sharding import gathered_weights
@@ -48,7 +48,7 @@ __all__ = ["SAMPLES_FILE", "STATE_FILE", "NonFiniteError", "PPOTrainer", "Scored
 class PPOTrainer:
     """Runs PPO on prompt token ids with the models of `build_ppo_models`; see the module docstring.
 
-    `rollout_backend` samples the rollouts (default: `HFRolloutBackend`, `generate` on the training policy);
+    `rollout_backend` samples the rollouts (default: the one `args.rollout_backend` names, `make_rollout_backend`);
     `advantage_estimator` turns scored rollouts into advantages (default: `KLPenalizedGAE` of `args`).
     """
 
@@ -118,8 +118,8 @@ class PPOTrainer:
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(trainable, optimizer, scheduler)
         for module in models.frozen_modules():
             module.to(self.accelerator.device).eval()
-        self.rollout_backend: RolloutBackend = rollout_backend or HFRolloutBackend.from_args(
-            self.unwrapped.policy, tokenizer, args, device=self.accelerator.device
+        self.rollout_backend: RolloutBackend = rollout_backend or make_rollout_backend(
+            args, self.unwrapped.policy, tokenizer, self.accelerator.device
         )
         self.advantage_estimator: AdvantageEstimator = advantage_estimator or KLPenalizedGAE.from_args(args)
         self.kl_controller = (

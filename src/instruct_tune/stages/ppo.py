@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from instruct_tune.checkpoints import disk_full_named, ppo_checkpoint_problem
 from instruct_tune.config import ConfigError, DataArguments, ModelArguments, PPOStageConfig
 from instruct_tune.config.checks import check_launch_trains_together
+from instruct_tune.config.ppo import check_rollout_models
 from instruct_tune.data.text_rows import text_rows, token_rows
 from instruct_tune.models import adapter_base, load_tokenizer
 from instruct_tune.models.adapter_base import record_adapter_base
@@ -150,6 +151,7 @@ def run_ppo(
         else []
     )
 
+    check_rollout_models(args, model_args)  # vLLM's refusals that depend on the model options, before loading
     models = build_ppo_models(
         model_args,
         tokenizer,
