@@ -1,4 +1,4 @@
-"""FSDP2 for the Trainer-based stages (SFT, reward model, DPO) over 2 CPU processes (gloo), launched as the docs
+"""FSDP2 and DeepSpeed ZeRO-3 for the Trainer-based stages (SFT, reward model, DPO) over 2 CPU processes (gloo), as the docs
 say: `accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml recipes/<stage>.py --config ... --use_cpu true`.
 
 Each test trains a few steps under FSDP2 and the same config in one process, then checks that
@@ -30,6 +30,7 @@ from instruct_tune.stages.run_folder import RunFolderArguments
 from instruct_tune.stages.sft import run_sft
 
 FSDP_CPU = REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml"
+ZERO3_CPU = REPO / "recipes" / "accelerate" / "zero3_cpu.yaml"
 LAUNCH_TIMEOUT = 300  # seconds; one launch takes 30-60 s on 2 cores
 
 # The global batch is equal: 4 rows on each of the 2 processes against 8 rows in one. The seeded sampler gives
@@ -85,6 +86,18 @@ def launch_fsdp(recipe: str, config: Path, output_dir: Path, *launch_options: st
     return output
 
 
+def launch_zero3(recipe: str, config: Path, output_dir: Path) -> str:
+    """`DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3_cpu.yaml` of `recipe` (no
+    `--use_cpu`: it would turn DeepSpeed off), returning its output; fails on an error or a hang."""
+    args = ["--config", str(config), "--output_dir", str(output_dir)]
+    args += ["--per_device_train_batch_size", str(PER_DEVICE)]
+    output = accelerate_launch(
+        ["--config_file", str(ZERO3_CPU)], recipe, args, timeout=LAUNCH_TIMEOUT, DS_ACCELERATOR="cpu"
+    )
+    assert "DeepSpeed over CPU processes" in output, "the launch did not run DeepSpeed"
+    return output
+
+
 def single_process(types: tuple[type, ...], config: Path, output_dir: Path) -> tuple:
     """The same config's options for one process, with the global batch in it."""
     flags = ["--config", str(config), "--output_dir", str(output_dir), "--use_cpu", "true"]
@@ -101,7 +114,8 @@ def assert_same_run(fsdp_dir: Path, single_dir: Path, weights: str) -> None:
     """Same files as the single-process folder (weights gathered whole), same global steps, same losses."""
     names = sorted(p.name for p in fsdp_dir.iterdir())
     assert names == sorted(p.name for p in single_dir.iterdir())
-    assert weights in names and not [n for n in names if n.startswith("pytorch_model_fsdp")]
+    shards = ("pytorch_model_fsdp", "global_step", "latest", "zero_to_fp32")  # FSDP's and DeepSpeed's
+    assert weights in names and not [n for n in names if n.startswith(shards)]
     with (
         safe_open(fsdp_dir / weights, "pt") as fsdp_file,
         safe_open(single_dir / weights, "pt") as single_file,
@@ -112,7 +126,7 @@ def assert_same_run(fsdp_dir: Path, single_dir: Path, weights: str) -> None:
     assert json.loads((fsdp_dir / "trainer_state.json").read_text())["global_step"] == STEPS
     fsdp_losses, single_losses = losses(fsdp_dir), losses(single_dir)
     assert len(fsdp_losses) == len(single_losses) == STEPS
-    print(f"{fsdp_dir.name}: FSDP losses {fsdp_losses}, one process {single_losses}")  # the figures docs cite
+    print(f"{fsdp_dir.name}: sharded losses {fsdp_losses}, one process {single_losses}")  # the figures docs cite
     assert fsdp_losses[0] == pytest.approx(single_losses[0], abs=FIRST_LOSS_TOLERANCE)
     assert fsdp_losses[1:] == pytest.approx(single_losses[1:], rel=LATER_LOSS_TOLERANCE)
 
@@ -238,3 +252,67 @@ def test_dpo_under_fsdp2(tiny_model_dir: Path, rankings, tmp_path: Path, use_pef
     run_dpo(*single_process((DPOStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_trained_policy_like_one_process(fsdp_dir, single_dir, use_peft, tiny_model_dir)
+
+
+# --- DeepSpeed ZeRO-3 (recipes/accelerate/zero3_cpu.yaml) ---------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
+def test_sft_under_zero3(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, use_peft: bool) -> None:
+    values = {
+        "model_name_or_path": str(tiny_model_dir),
+        "use_peft": use_peft,
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "dataset_name": str(tiny_sft_file),
+        "eval_fraction": 0.0,
+        "max_train_samples": STEPS * PER_DEVICE * PROCESSES,
+        "packing": False,
+    }
+    config = write_config(tmp_path / "sft.yaml", values)
+    zero3_dir, single_dir = tmp_path / "zero3" / "sft", tmp_path / "single" / "sft"
+    launch_zero3("recipes/sft.py", config, zero3_dir)
+    run_sft(*single_process((SFTStageConfig, DataArguments, ModelArguments), config, single_dir))
+
+    assert_trained_policy_like_one_process(zero3_dir, single_dir, use_peft, tiny_model_dir)
+
+
+@pytest.mark.slow
+def test_reward_under_zero3(tiny_model_dir: Path, rankings, tmp_path: Path) -> None:
+    """The new head's initialisation reaches the partitioned weights (lost before: the first loss was 0.6939
+    against one process's 0.6982); the scoring after training runs on every rank and ends."""
+    values = {
+        "model_name_or_path": str(tiny_model_dir),
+        "use_peft": False,
+        "dataset_name": str(rankings[0]),
+        "eval_dataset_name": str(rankings[1]),
+
+    }
+    config = write_config(tmp_path / "reward.yaml", values)
+    zero3_dir, single_dir = tmp_path / "zero3" / "reward", tmp_path / "single" / "reward"
+    launch_zero3("recipes/reward.py", config, zero3_dir)
+    run_reward(*single_process((RewardStageConfig, DataArguments, ModelArguments), config, single_dir))
+
+    assert_same_run(zero3_dir, single_dir, "model.safetensors")
+    assert json.loads((zero3_dir / "metrics.json").read_text())["eval_comparisons"] == 8 * 6
+    scores = load_reward_model(zero3_dir, device="cpu").score(["Add 2 and 3."], ["5"])
+    assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_dpo_under_zero3(tiny_model_dir: Path, rankings, tmp_path: Path) -> None:
+    """Full fine-tuning: the frozen reference copy is partitioned too (TRL prepares it with DeepSpeed)."""
+    values = {
+        "model_name_or_path": str(tiny_model_dir),
+        "use_peft": False,
+        "dataset_name": str(rankings[0]),
+        "eval_fraction": 0.0,
+        "max_train_samples": 4,  # 4 K=4 rankings: 24 pairs, 3 steps of 8
+    }
+    config = write_config(tmp_path / "dpo.yaml", values)
+    zero3_dir, single_dir = tmp_path / "zero3" / "dpo", tmp_path / "single" / "dpo"
+    launch_zero3("recipes/dpo.py", config, zero3_dir)
+    run_dpo(*single_process((DPOStageConfig, DataArguments, ModelArguments), config, single_dir))
+
+    assert_trained_policy_like_one_process(zero3_dir, single_dir, False, tiny_model_dir)

@@ -240,22 +240,31 @@ def fsdp_on_cpu(args: Any) -> bool:
     return True
 
 
-def deepspeed_on_cpu() -> bool:
+def deepspeed_on_cpu(args: Any = None) -> bool:
     """Set the process state of a DeepSpeed launch (`ACCELERATE_USE_DEEPSPEED`) on a machine without a GPU up
-    with gloo; returns whether it did (`recipes/accelerate/zero3_cpu.yaml`, for a loop on a bare `Accelerator`:
-    our PPO).
+    with gloo; returns whether it did (`recipes/accelerate/zero3_cpu.yaml`).
 
     accelerate 1.15 finds no backend for processes that are neither on GPUs nor `cpu=True` (which turns DeepSpeed
     off): DeepSpeed then starts its process group (gloo, through its CPU accelerator, `DS_ACCELERATOR=cpu`) but
     accelerate counts 1 process, and each would train on the whole batch. Given the backend, it counts them all.
+    `args`: a Trainer stage's `TrainingArguments`, whose process state is set up on first use (its `ddp_backend`
+    is set to gloo where unset); None: a loop on a bare `Accelerator` (our PPO), whose state is set up here.
     """
     import os
 
-    import torch
     from accelerate.state import AcceleratorState, PartialState
 
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available():
         return False
+    if args is not None:
+        if getattr(args, "ddp_backend", None) is None:
+            args.ddp_backend = "gloo"
+        # transformers 5.24 set the process state up when the arguments were built (`_setup_devices`, a cached
+        # property) and found no backend: set up again with gloo (DeepSpeed's process group stays as it is).
+        args.__dict__.pop("_setup_devices", None)
+        reset_accelerate_state()
+        args.device  # noqa: B018 (sets the process state up now)
+        return True
     if AcceleratorState._shared_state or PartialState._shared_state:
         return False  # the process state is set already
     PartialState(cpu=False, backend="gloo")

@@ -14,6 +14,7 @@ units PPO trains on. `score` applies it, `raw_score` does not.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -57,12 +58,26 @@ def init_reward_head(model: nn.Module, seed: int = 0) -> float:
     d = heads[0].in_features
     std = 1.0 / math.sqrt(d + 1)
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.randn(heads[0].weight.shape, generator=generator) * std
-    for head in heads:
-        head.weight.copy_(weight.to(head.weight.dtype))
-        if head.bias is not None:
-            head.bias.zero_()
+    params = [p for head in heads for p in head.parameters()]
+    with _whole(params):
+        weight = torch.randn(heads[0].weight.shape, generator=generator) * std
+        for head in heads:
+            head.weight.copy_(weight.to(head.weight.dtype))
+            if head.bias is not None:
+                head.bias.zero_()
     return std
+
+
+def _whole(params: list[nn.Parameter]) -> AbstractContextManager:
+    """The parameters whole and writable: under DeepSpeed ZeRO-3 (a model loaded under a ZeRO-3 launch is
+    partitioned as it loads: each process holds an empty tensor) gathered, then partitioned again with what
+    the main process wrote; otherwise as they are. Without it the head's initialisation was written into empty
+    tensors and lost, and the reward model trained from transformers' own initialisation."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 class RewardModel:

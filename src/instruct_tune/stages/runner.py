@@ -21,7 +21,7 @@ from instruct_tune.checkpoints import (
     disk_full_named,
     trainer_checkpoint_problem,
 )
-from instruct_tune.compat import fsdp_on_cpu
+from instruct_tune.compat import deepspeed_on_cpu, fsdp_on_cpu
 from instruct_tune.config import (
     ConfigError,
     ModelArguments,
@@ -97,6 +97,8 @@ def start_trl_stage(
     """Begin a TRL stage (SFT, reward): `begin_stage`, the model's dropout for TRL's (`follow_model_dropout`),
     the tokenizer, and `max_length` checked against the model's context."""
     push_to = begin_stage(training_args)
+    if deepspeed_on_cpu(training_args):  # `recipes/accelerate/zero3_cpu.yaml`: DeepSpeed's CPU processes
+        logger.info("DeepSpeed over CPU processes (gloo)")
     if fsdp_on_cpu(training_args):  # `accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml`
         logger.info("FSDP over CPU processes (gloo)")
     check_process_group(training_args)
