@@ -125,7 +125,8 @@ def zone(page, rank: int):
 
 def log_in(page, url: str, token: str) -> None:
     first = page.goto(url)
-    assert first.status == 401 and page.locator("#login").is_visible()
+    assert first.status == 401
+    expect(page.locator("#login")).to_be_visible()  # waits for the page's script: a busy machine renders late
     assert SORT not in page.content() and "rat, tea" not in page.content()
     page.fill("#token", "not-a-token")
     page.click("#login button")
