@@ -153,7 +153,9 @@ def assert_trained_policy_like_one_process(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
-def test_sft_under_fsdp2(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, use_peft: bool) -> None:
+@pytest.mark.parametrize("engine", ["fsdp", "zero3"])
+def test_sft_sharded(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, engine: str, use_peft: bool) -> None:
+    """SFT under FSDP2 (`fsdp_cpu.yaml`) and under DeepSpeed ZeRO-3 (`zero3_cpu.yaml`), as one process does."""
     values = {
         "model_name_or_path": str(tiny_model_dir),
         "use_peft": use_peft,
@@ -165,11 +167,11 @@ def test_sft_under_fsdp2(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Pa
         "packing": False,
     }
     config = write_config(tmp_path / "sft.yaml", values)
-    fsdp_dir, single_dir = tmp_path / "fsdp" / "sft", tmp_path / "single" / "sft"
-    launch_fsdp("recipes/sft.py", config, fsdp_dir)
+    sharded_dir, single_dir = tmp_path / engine / "sft", tmp_path / "single" / "sft"
+    (launch_fsdp if engine == "fsdp" else launch_zero3)("recipes/sft.py", config, sharded_dir)
     run_sft(*single_process((SFTStageConfig, DataArguments, ModelArguments), config, single_dir))
 
-    assert_trained_policy_like_one_process(fsdp_dir, single_dir, use_peft, tiny_model_dir)
+    assert_trained_policy_like_one_process(sharded_dir, single_dir, use_peft, tiny_model_dir)
 
 
 @pytest.mark.slow
@@ -255,27 +257,6 @@ def test_dpo_under_fsdp2(tiny_model_dir: Path, rankings, tmp_path: Path, use_pef
 
 
 # --- DeepSpeed ZeRO-3 (recipes/accelerate/zero3_cpu.yaml) ---------------------------------------------------
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("use_peft", [False, True], ids=["full", "lora"])
-def test_sft_under_zero3(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, use_peft: bool) -> None:
-    values = {
-        "model_name_or_path": str(tiny_model_dir),
-        "use_peft": use_peft,
-        "lora_r": 8,
-        "lora_alpha": 16,
-        "dataset_name": str(tiny_sft_file),
-        "eval_fraction": 0.0,
-        "max_train_samples": STEPS * PER_DEVICE * PROCESSES,
-        "packing": False,
-    }
-    config = write_config(tmp_path / "sft.yaml", values)
-    zero3_dir, single_dir = tmp_path / "zero3" / "sft", tmp_path / "single" / "sft"
-    launch_zero3("recipes/sft.py", config, zero3_dir)
-    run_sft(*single_process((SFTStageConfig, DataArguments, ModelArguments), config, single_dir))
-
-    assert_trained_policy_like_one_process(zero3_dir, single_dir, use_peft, tiny_model_dir)
 
 
 @pytest.mark.slow
