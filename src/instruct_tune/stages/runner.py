@@ -37,6 +37,7 @@ from instruct_tune.hub import PushError, check_repo_id, push_folder
 from instruct_tune.models import load_tokenizer
 from instruct_tune.models.adapter_base import local_base_warning, record_adapter_base
 from instruct_tune.models.loading import adapter_chain
+from instruct_tune.ppo.sharding import tie_gathered
 from instruct_tune.stages.data_sources import task_tags
 from instruct_tune.stages.lengths import fit_max_length, model_context
 from instruct_tune.stages.run_folder import RunFolder
@@ -229,12 +230,7 @@ def save_trained_model(trainer: Trainer, output_dir: Path) -> None:
     state_dict = trainer.accelerator.get_state_dict(trainer.model)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        # Gathered, tied weights (GPT-2's lm_head and wte) are two copies: one tensor again, `save_pretrained`
-        # keeps one of them, as it does in one process.
-        for target, source in getattr(model, "all_tied_weights_keys", {}).items():
-            if target in state_dict and source in state_dict:
-                state_dict[target] = state_dict[source]
-        model.save_pretrained(output_dir, state_dict=state_dict)
+        model.save_pretrained(output_dir, state_dict=tie_gathered(model, state_dict))
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(output_dir)
 
