@@ -23,6 +23,9 @@ OFFLINE_ENV = {
 }
 DDP_CPU = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
 DDP_CPU += ["--dynamo_backend", "no"]
+# Sharded launches over 2 CPU processes (gloo): FSDP2 `fully_shard` and DeepSpeed ZeRO-3.
+FSDP_CPU = REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml"
+ZERO3_CPU = REPO / "recipes" / "accelerate" / "zero3_cpu.yaml"
 
 
 def accelerate_launch(
@@ -90,3 +93,19 @@ def assert_resolved_as_written(raw: dict, resolved: dict) -> None:
             assert got == pytest.approx(value), key
         else:
             assert got == value, key
+
+
+def launch_sharded(engine: str, recipe: str, args: list[str], *launch_options: str, timeout: int = 300) -> str:
+    """`recipe` with `args` over 2 CPU processes under `engine`, returning its output: "fsdp" (FSDP2,
+    `fsdp_cpu.yaml`, with `--use_cpu true`) or "zero3" (DeepSpeed ZeRO-3, `zero3_cpu.yaml` with
+    DS_ACCELERATOR=cpu and no `--use_cpu`, which would turn DeepSpeed off). `launch_options` go to `accelerate
+    launch`. Fails on an error, a hang, or a run that did not say it sharded that way."""
+    if engine == "fsdp":
+        options, args, env, said = FSDP_CPU, [*args, "--use_cpu", "true"], {}, "FSDP over CPU processes"
+    elif engine == "zero3":
+        options, env, said = ZERO3_CPU, {"DS_ACCELERATOR": "cpu"}, "DeepSpeed over CPU processes"
+    else:
+        raise ValueError(f"engine {engine!r}: fsdp or zero3")
+    output = accelerate_launch(["--config_file", str(options), *launch_options], recipe, args, timeout=timeout, **env)
+    assert said in output, f"the launch of {recipe} did not run {engine} ({said!r} not in its output)"
+    return output

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY_DATA, accelerate_launch, head_of
+from helpers import TINY_DATA, head_of, launch_sharded
 from safetensors import safe_open
 
 from instruct_tune.config import DataArguments, ModelArguments, RewardStageConfig, SFTStageConfig, parse_args
@@ -29,8 +29,6 @@ from instruct_tune.stages.reward import run_reward
 from instruct_tune.stages.run_folder import RunFolderArguments
 from instruct_tune.stages.sft import run_sft
 
-FSDP_CPU = REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml"
-ZERO3_CPU = REPO / "recipes" / "accelerate" / "zero3_cpu.yaml"
 LAUNCH_TIMEOUT = 300  # seconds; one launch takes 30-60 s on 2 cores
 
 # The global batch is equal: 4 rows on each of the 2 processes against 8 rows in one. The seeded sampler gives
@@ -74,28 +72,10 @@ def write_config(path: Path, values: dict) -> Path:
     return path
 
 
-def launch_fsdp(recipe: str, config: Path, output_dir: Path, *launch_options: str) -> str:
-    """`accelerate launch --config_file recipes/accelerate/fsdp_cpu.yaml` of `recipe`, returning its output;
-    fails on an error or a hang (killed at `LAUNCH_TIMEOUT`)."""
-    args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
-    args += ["--per_device_train_batch_size", str(PER_DEVICE)]
-    output = accelerate_launch(
-        ["--config_file", str(FSDP_CPU), *launch_options], recipe, args, timeout=LAUNCH_TIMEOUT
-    )
-    assert "FSDP over CPU processes" in output, "the launch did not run FSDP"
-    return output
-
-
-def launch_zero3(recipe: str, config: Path, output_dir: Path) -> str:
-    """`DS_ACCELERATOR=cpu accelerate launch --config_file recipes/accelerate/zero3_cpu.yaml` of `recipe` (no
-    `--use_cpu`: it would turn DeepSpeed off), returning its output; fails on an error or a hang."""
-    args = ["--config", str(config), "--output_dir", str(output_dir)]
-    args += ["--per_device_train_batch_size", str(PER_DEVICE)]
-    output = accelerate_launch(
-        ["--config_file", str(ZERO3_CPU)], recipe, args, timeout=LAUNCH_TIMEOUT, DS_ACCELERATOR="cpu"
-    )
-    assert "DeepSpeed over CPU processes" in output, "the launch did not run DeepSpeed"
-    return output
+def launch(engine: str, recipe: str, config: Path, output_dir: Path, *launch_options: str) -> str:
+    """`recipe` on `config` over 2 CPU processes under `engine` (fsdp or zero3) with `PER_DEVICE` rows each."""
+    args = ["--config", str(config), "--output_dir", str(output_dir), "--per_device_train_batch_size", str(PER_DEVICE)]
+    return launch_sharded(engine, recipe, args, *launch_options, timeout=LAUNCH_TIMEOUT)
 
 
 def single_process(types: tuple[type, ...], config: Path, output_dir: Path) -> tuple:
@@ -168,7 +148,7 @@ def test_sft_sharded(tiny_model_dir: Path, tiny_sft_file: Path, tmp_path: Path, 
     }
     config = write_config(tmp_path / "sft.yaml", values)
     sharded_dir, single_dir = tmp_path / engine / "sft", tmp_path / "single" / "sft"
-    (launch_fsdp if engine == "fsdp" else launch_zero3)("recipes/sft.py", config, sharded_dir)
+    launch(engine, "recipes/sft.py", config, sharded_dir)
     run_sft(*single_process((SFTStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_trained_policy_like_one_process(sharded_dir, single_dir, use_peft, tiny_model_dir)
@@ -193,13 +173,13 @@ def test_sft_resumes_from_sharded_fsdp2_checkpoints(
     config = write_config(tmp_path / "sft.yaml", values)
     run_dir = tmp_path / "fsdp" / "sft"
     sharded = ("--fsdp_state_dict_type", "SHARDED_STATE_DICT")
-    launch_fsdp("recipes/sft.py", config, run_dir, *sharded)
+    launch("fsdp", "recipes/sft.py", config, run_dir, *sharded)
     uninterrupted = losses(run_dir)
     assert (run_dir / "checkpoint-2" / "pytorch_model_fsdp_0" / ".metadata").is_file()
     for later in [p for p in run_dir.glob("checkpoint-*") if int(p.name.split("-")[1]) > 2]:
         shutil.rmtree(later)  # as if killed after checkpoint-2
 
-    output = launch_fsdp("recipes/sft.py", config, run_dir, *sharded)
+    output = launch("fsdp", "recipes/sft.py", config, run_dir, *sharded)
     assert f"Resuming from {run_dir / 'checkpoint-2'}" in output
     resumed = losses(run_dir)
     print(f"resumed: losses {resumed}, uninterrupted {uninterrupted}")
@@ -222,7 +202,7 @@ def test_reward_under_fsdp2_as_the_gpu_config(tiny_model_dir: Path, rankings, tm
     config = write_config(tmp_path / "reward.yaml", values)
     fsdp_dir, single_dir = tmp_path / "fsdp" / "reward", tmp_path / "single" / "reward"
     gpu_options = ("--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_cpu_ram_efficient_loading", "true")
-    launch_fsdp("recipes/reward.py", config, fsdp_dir, *gpu_options)
+    launch("fsdp", "recipes/reward.py", config, fsdp_dir, *gpu_options)
     run_reward(*single_process((RewardStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_same_run(fsdp_dir, single_dir, "model.safetensors")
@@ -250,7 +230,7 @@ def test_dpo_under_fsdp2(tiny_model_dir: Path, rankings, tmp_path: Path, use_pef
     }
     config = write_config(tmp_path / "dpo.yaml", values)
     fsdp_dir, single_dir = tmp_path / "fsdp" / "dpo", tmp_path / "single" / "dpo"
-    launch_fsdp("recipes/dpo.py", config, fsdp_dir)
+    launch("fsdp", "recipes/dpo.py", config, fsdp_dir)
     run_dpo(*single_process((DPOStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_trained_policy_like_one_process(fsdp_dir, single_dir, use_peft, tiny_model_dir)
@@ -272,7 +252,7 @@ def test_reward_under_zero3(tiny_model_dir: Path, rankings, tmp_path: Path) -> N
     }
     config = write_config(tmp_path / "reward.yaml", values)
     zero3_dir, single_dir = tmp_path / "zero3" / "reward", tmp_path / "single" / "reward"
-    launch_zero3("recipes/reward.py", config, zero3_dir)
+    launch("zero3", "recipes/reward.py", config, zero3_dir)
     run_reward(*single_process((RewardStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_same_run(zero3_dir, single_dir, "model.safetensors")
@@ -293,7 +273,7 @@ def test_dpo_under_zero3(tiny_model_dir: Path, rankings, tmp_path: Path) -> None
     }
     config = write_config(tmp_path / "dpo.yaml", values)
     zero3_dir, single_dir = tmp_path / "zero3" / "dpo", tmp_path / "single" / "dpo"
-    launch_zero3("recipes/dpo.py", config, zero3_dir)
+    launch("zero3", "recipes/dpo.py", config, zero3_dir)
     run_dpo(*single_process((DPOStageConfig, DataArguments, ModelArguments), config, single_dir))
 
     assert_trained_policy_like_one_process(zero3_dir, single_dir, False, tiny_model_dir)

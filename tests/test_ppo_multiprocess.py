@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DDP_CPU, REPO, accelerate_launch
+from helpers import DDP_CPU, accelerate_launch, launch_sharded
 from stage_runs import lora_args, ppo_data, ppo_reward_run, write_ppo_config
 
 from instruct_tune.config import ModelArguments
@@ -65,8 +65,6 @@ def test_a_multi_process_launch_on_cpu_without_use_cpu_is_refused(
     assert not (out / "metrics.json").exists() and "Loading" not in output
 
 
-FSDP_CPU = str(REPO / "recipes" / "accelerate" / "fsdp_cpu.yaml")
-ZERO3_CPU = str(REPO / "recipes" / "accelerate" / "zero3_cpu.yaml")
 
 
 def _step_log(run_dir: Path) -> list[dict]:
@@ -88,18 +86,11 @@ PPO_STEP_KEYS = ("objective/scores", "objective/kl", "loss/policy", "loss/value"
 
 
 def _launch_sharded(engine: str, config: Path, output_dir: Path) -> str:
-    """`recipes/ppo.py` on `config` over 2 CPU processes under `engine` (fsdp: FSDP2, zero3: DeepSpeed ZeRO-3)."""
-    if engine.startswith("fsdp"):
-        args = ["--config", str(config), "--use_cpu", "true", "--output_dir", str(output_dir)]
-        # fsdp_sharded: checkpoints as the GPU config (recipes/accelerate/fsdp.yaml) writes them
-        sharded = ["--fsdp_state_dict_type", "SHARDED_STATE_DICT"] if engine == "fsdp_sharded" else []
-        output = accelerate_launch(["--config_file", FSDP_CPU, *sharded], "recipes/ppo.py", args)
-        assert "FSDP over CPU processes" in output
-        return output
+    """`recipes/ppo.py` on `config` over 2 CPU processes under `engine` (fsdp: FSDP2, fsdp_sharded: FSDP2 with
+    checkpoints as the GPU config `recipes/accelerate/fsdp.yaml` writes them, zero3: DeepSpeed ZeRO-3)."""
+    sharded = ["--fsdp_state_dict_type", "SHARDED_STATE_DICT"] if engine == "fsdp_sharded" else []
     args = ["--config", str(config), "--output_dir", str(output_dir)]
-    output = accelerate_launch(["--config_file", ZERO3_CPU], "recipes/ppo.py", args, DS_ACCELERATOR="cpu")
-    assert "ZeRO-3" in output
-    return output
+    return launch_sharded("zero3" if engine == "zero3" else "fsdp", "recipes/ppo.py", args, *sharded)
 
 
 def _ddp_run(config: Path) -> tuple[Path, Path]:

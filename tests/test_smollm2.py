@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from gguf.quants import dequantize
 from huggingface_hub import ModelCard
 from peft import PeftConfig, PeftModel
 from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from trl import SFTTrainer
 
@@ -271,9 +273,13 @@ def test_reward_writes_an_adapter_with_its_head_that_reloads(
 
 @pytest.fixture(scope="module")
 def ppo_run(sft_run: Path, reward_run: Path, runs: Path) -> Path:
-    """Two PPO steps of two rollouts each on one shared base."""
+    """Two PPO steps of two rollouts each on one shared base, a checkpoint after each."""
+    return _run_ppo(sft_run, reward_run, runs, runs / "ppo")
+
+
+def _run_ppo(sft_run: Path, reward_run: Path, runs: Path, output_dir: Path) -> Path:
     args = PPOStageConfig(
-        output_dir=str(runs / "ppo"),
+        output_dir=str(output_dir),
         reward_model_path=str(reward_run),
         total_episodes=4,
         rollout_batch_size=2,
@@ -283,7 +289,7 @@ def ppo_run(sft_run: Path, reward_run: Path, runs: Path) -> Path:
         learning_rate=1e-3,
         eval_samples=0,
         logging_steps=1,
-        save_steps=0,
+        save_steps=1,
         report_to=[],
         use_cpu=True,
         seed=0,
@@ -305,6 +311,38 @@ def test_ppo_writes_an_adapter_that_reloads_on_one_shared_base(
     assert torch.allclose(
         logits(ours, ids), logits(peft_chain(smollm2_dir, sft_run, ppo_run), ids), atol=1e-4
     )
+
+
+def test_ppo_checkpoints_hold_what_trains_not_the_base_and_resume(
+    ppo_run: Path, sft_run: Path, reward_run: Path, runs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PPO checkpoint holds the adapters and heads, not the frozen 135M base (597 MB in full); a run stopped
+    after its first checkpoint resumes from it and ends with the uninterrupted run's adapter."""
+    saved = ppo_run / "checkpoint-1" / "model.safetensors"
+    with safe_open(str(saved), framework="pt") as checkpoint:
+        keys = list(checkpoint.keys())
+    base = [key for key in keys if "lora_" not in key and not key.startswith("value_head.")]
+    assert keys and not base, base[:5]
+    assert saved.stat().st_size < 0.05 * WEIGHTS * 4
+
+    stopped = runs / "ppo-stopped"
+    shutil.copytree(ppo_run, stopped)
+    shutil.rmtree(stopped / "checkpoint-2")
+    for name in ("metrics.json", "adapter_model.safetensors"):
+        (stopped / name).unlink()
+    with caplog.at_level("INFO", logger="instruct_tune"):
+        resumed = _run_ppo(sft_run, reward_run, runs, stopped)
+    assert f"Resumed PPO from {stopped / 'checkpoint-1'} at step 1 of 2" in caplog.text
+    steps = [
+        [e for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "step" in e]
+        for run in (ppo_run, resumed)
+    ]
+    assert [e["step"] for e in steps[1]] == [1, 2]
+    assert steps[1][1]["loss/policy"] == pytest.approx(steps[0][1]["loss/policy"], abs=1e-5)
+    finished, again = (load_file(run / "adapter_model.safetensors") for run in (ppo_run, resumed))
+    assert finished.keys() == again.keys()
+    for key, value in finished.items():
+        torch.testing.assert_close(again[key], value, atol=1e-5, rtol=1e-4)
 
 
 def test_ppo_models_hold_one_copy_of_the_weights_and_score_as_the_reward_model(

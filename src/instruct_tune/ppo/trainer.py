@@ -86,6 +86,8 @@ class PPOTrainer:
             logger.info("FSDP over CPU processes (gloo)")
         # `recipes/accelerate/zero3_cpu.yaml`: DeepSpeed's CPU processes (`cpu=True` would turn DeepSpeed off).
         deepspeed_cpu = deepspeed_on_cpu()
+        if deepspeed_cpu:
+            logger.info("DeepSpeed over CPU processes (gloo)")
         self.accelerator = Accelerator(
             cpu=args.use_cpu and not deepspeed_cpu,
             mixed_precision=mixed,
@@ -116,6 +118,7 @@ class PPOTrainer:
         trainable.train()
         optimizer, scheduler = optimizer_and_scheduler(trainable, args, updates)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(trainable, optimizer, scheduler)
+        checkpointing.keep_trainable_weights_only(self.accelerator)
         for module in models.frozen_modules():
             module.to(self.accelerator.device).eval()
         self.rollout_backend: RolloutBackend = rollout_backend or make_rollout_backend(
@@ -333,7 +336,7 @@ class PPOTrainer:
 
     def load_checkpoint(self, folder: str | Path) -> None:
         """Continue the run saved in `folder`."""
-        state = checkpointing.load_checkpoint(self.accelerator, folder)
+        state = checkpointing.load_checkpoint(self.accelerator, folder, self.model)
         self.step = int(state["step"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.log_history = state["log_history"]
