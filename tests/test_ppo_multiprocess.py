@@ -65,8 +65,6 @@ def test_a_multi_process_launch_on_cpu_without_use_cpu_is_refused(
     assert not (out / "metrics.json").exists() and "Loading" not in output
 
 
-
-
 def _step_log(run_dir: Path) -> list[dict]:
     state = json.loads((run_dir / "trainer_state.json").read_text())
     return [e for e in state["log_history"] if "step" in e]

@@ -30,9 +30,8 @@ __all__ = [
     "save_checkpoint",
 ]
 
-# Where accelerate saves a model itself (`model.safetensors`) rather than handing it to FSDP or DeepSpeed, which
-# write their own sharded states.
-_PLAIN = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+# Engines that write the model's state themselves; under the others accelerate writes `model.safetensors`.
+_SELF_SAVING_ENGINES = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
 
 
 def _frozen_names(model: torch.nn.Module) -> set[str]:
@@ -40,8 +39,10 @@ def _frozen_names(model: torch.nn.Module) -> set[str]:
 
 
 def _is_frozen(key: str, frozen: set[str]) -> bool:
-    # A 4-bit base weight also saves its quantisation state under `<name>.absmax`, `<name>.quant_map`, ...
-    return key in frozen or any(key.startswith(name + ".") for name in frozen if name in key)
+    # The key or one of its dotted prefixes: a 4-bit base weight also saves its quantisation state under
+    # `<name>.absmax`, `<name>.quant_map`, ...
+    parts = key.split(".")
+    return any(".".join(parts[:end]) in frozen for end in range(len(parts), 0, -1))
 
 
 def keep_trainable_weights_only(accelerator: Accelerator) -> None:
@@ -84,7 +85,7 @@ def load_checkpoint(accelerator: Accelerator, folder: str | Path, model: torch.n
     state_file = folder / STATE_FILE
     if not state_file.is_file():
         raise FileNotFoundError(f"{folder} is not a PPO checkpoint (no {STATE_FILE})")
-    if accelerator.distributed_type in _PLAIN:
+    if accelerator.distributed_type in _SELF_SAVING_ENGINES:
         accelerator.load_state(str(folder))
         return json.loads(state_file.read_text())
     weights = folder / "model.safetensors"
